@@ -1,0 +1,166 @@
+"""Data, training, optimizer, parallelism, checkpoint and logging configuration, and the top-level `Config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vlm_fsdp.config.model import ModelConfig
+
+ShardingStrategy = Literal["no_shard", "optim", "optim_grads", "optim_grads_params"]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training samples come from."""
+
+    path: str | None = None
+    """Dataset directory (Megatron-Energon WebDataset, see `vlm-fsdp data prepare`); null: the bundled data."""
+    text_only: bool = False
+    """Train on the text-only part of the data (a baseline without the vision path)."""
+    num_workers: int = 2
+    """Data-loading worker processes per rank."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The step loop."""
+
+    train_iters: int = 100
+    """Optimizer steps to run."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, summed over data-parallel ranks and accumulated microbatches."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass on one rank."""
+    eval_interval: int | None = None
+    """Run validation every this many steps; null: never."""
+    eval_iters: int = 5
+    """Validation batches per evaluation."""
+    seed: int = 1234
+    """Seed of parameter initialisation, data order and dropout."""
+    output_dir: str | None = None
+    """Directory of this run's resolved config, logs and (unless checkpoint.save is set) checkpoints;
+    null: `runs/<recipe>-<UTC time>`."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 10
+    """Steps of linear warm-up from 0 to lr."""
+    lr_decay_iters: int | None = None
+    """Steps over which the rate decays to min_lr; null: train.train_iters."""
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warm-up."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.95
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass(kw_only=True)
+class DDPConfig:
+    """Data-parallel settings, named as in Megatron-Core's `DistributedDataParallelConfig`.
+
+    Fields left null are derived from `dist.use_megatron_fsdp` (see `vlm_fsdp.config.megatron_fsdp`)."""
+
+    data_parallel_sharding_strategy: ShardingStrategy | None = None
+    """What Megatron-FSDP shards across data-parallel ranks: `no_shard`, `optim` (optimizer state), `optim_grads`
+    (+ gradients) or `optim_grads_params` (+ parameters, ZeRO-3); null: optim_grads_params with Megatron-FSDP."""
+    outer_dp_sharding_strategy: Literal["no_shard", "optim"] = "no_shard"
+    """Hybrid sharding: what is sharded across the outer data-parallel groups (needs
+    num_distributed_optimizer_instances > 1)."""
+    num_distributed_optimizer_instances: int = 1
+    """Data-parallel replicas of the sharded state (hybrid FSDP: shard inside a group, replicate across groups)."""
+    use_distributed_optimizer: bool | None = None
+    """Shard optimizer state across data-parallel ranks; null: on with Megatron-FSDP."""
+    overlap_grad_reduce: bool | None = None
+    """Overlap gradient reduce-scatter with the backward pass; null: on with Megatron-FSDP."""
+    overlap_param_gather: bool | None = None
+    """Overlap parameter all-gather with compute; null: on with Megatron-FSDP."""
+    grad_reduce_in_fp32: bool = False
+    """Reduce gradients in fp32 (exact, twice the traffic) instead of bf16."""
+    fsdp_double_buffer: bool = False
+    """Keep two persistent all-gather buffers for FSDP units (steadier memory, needed by NCCL user buffers)."""
+    nccl_ub: bool = False
+    """Register FSDP communication buffers with NCCL (user buffers) for zero-copy collectives."""
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """Distributed backend choice."""
+
+    use_megatron_fsdp: bool = True
+    """Train with Megatron-FSDP; sets the defaults of every null field it owns (see the user guide)."""
+    use_torch_fsdp2: bool = False
+    """Train with PyTorch FSDP2 instead (not supported together with Megatron-FSDP)."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collective operations before a rank gives up."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Saving and loading training state."""
+
+    save: str | None = None
+    """Directory to write checkpoints to; null: `<train.output_dir>/checkpoints`."""
+    load: str | None = None
+    """Checkpoint directory to start from (a training checkpoint or one made by `vlm-fsdp convert`)."""
+    save_interval: int | None = None
+    """Save every this many steps (and at the end); null: only at the end."""
+    ckpt_format: Literal["fsdp_dtensor", "torch_dist"] | None = None
+    """On-disk format: `fsdp_dtensor` (torch.distributed.checkpoint of DTensors) or Megatron's `torch_dist`;
+    null: fsdp_dtensor with Megatron-FSDP."""
+    most_recent_k: int = 2
+    """Keep this many most recent checkpoints; older ones are deleted after a successful save."""
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    """Step log, TensorBoard and Weights & Biases."""
+
+    log_interval: int = 1
+    """Print a step line every this many steps."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory; null: `<train.output_dir>/tensorboard`."""
+    wandb_project: str | None = None
+    """Weights & Biases project; null: W&B off."""
+    wandb_exp_name: str | None = None
+    """Weights & Biases run name; null: the output directory's name."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """`offline` writes W&B files locally for a later `wandb sync`."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything a run needs; saved next to its outputs as `config.yaml`."""
+
+    recipe: str = "custom"
+    """Name of the recipe this config started from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model and its parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The step loop."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and learning-rate schedule."""
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+    """Data-parallel and Megatron-FSDP settings."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Distributed backend."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Logging."""

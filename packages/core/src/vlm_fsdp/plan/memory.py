@@ -1,0 +1,134 @@
+"""Per-GPU memory estimate of a training layout.
+
+Model state (exact given the parameter counts): bf16 weights (2 bytes), gradients (2 bytes, 4 with
+`ddp.grad_reduce_in_fp32`), and for trainable parameters fp32 main weights plus Adam's two moments (12 bytes).
+Decoder dense weights and embeddings are split by tensor parallelism, experts by expert (x expert-tensor)
+parallelism; the sharding strategy then divides optimizer state (`optim`), + gradients (`optim_grads`) and
++ weights (`optim_grads_params`) over the data-parallel ranks of each. Sharded weights need unsharded working
+buffers for the FSDP unit being computed and the one prefetched.
+
+Activations (an estimate, bf16): per decoder layer and token the tensors kept for the backward pass
+(norm inputs/outputs, Q/K/V and attention output, router scores, each routed copy's expert input and SwiGLU
+intermediates), reduced by recompute; per vision patch and block the same for the ViT; and the output logits
+in bf16 plus their fp32 copy for the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlm_fsdp.config.run import Config
+from vlm_fsdp.plan.params import ParamCounts, attention_params, count_params, expert_params, merger_params
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    """Bytes per GPU."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    fsdp_buffers: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.fsdp_buffers + self.activations
+
+
+def trainable_params(config: Config, counts: ParamCounts) -> tuple[int, int, int]:
+    """Trainable (language dense + embeddings, vision, experts) parameters under the freeze switches."""
+    m = config.model
+    projection = merger_params(m, postshuffle_norm=False) + len(m.vision.deepstack_visual_indexes) * merger_params(
+        m, postshuffle_norm=True
+    )
+    language = 0 if m.freeze_language_model else counts.language_dense + counts.embeddings
+    vision = (0 if m.freeze_vision_model else counts.vision - projection) + (
+        0 if m.freeze_vision_projection else projection
+    )
+    return language, vision, 0 if m.freeze_language_model else counts.experts
+
+
+def estimate_memory(config: Config, world_size: int, image_share: float) -> MemoryEstimate:
+    """Memory per GPU on `world_size` GPUs when `image_share` of each sequence's tokens are image tokens."""
+    m, ddp = config.model, config.ddp
+    counts = count_params(m)
+    tp, ep = m.tensor_model_parallel_size, m.expert_model_parallel_size * m.expert_tensor_parallel_size
+    pp, cp = m.pipeline_model_parallel_size, m.context_parallel_size
+    dense_dp = world_size // (tp * pp * cp)
+    expert_dp = world_size // (ep * pp)
+    instances = ddp.num_distributed_optimizer_instances
+
+    # parameters held by this rank before data-parallel sharding
+    dense = (counts.language_dense + counts.embeddings) / (tp * pp) + counts.vision  # the ViT is replicated
+    experts = counts.experts / (ep * pp)
+    train_language, train_vision, train_experts = trainable_params(config, counts)
+    trainable = train_language / (tp * pp) + train_vision + train_experts / (ep * pp)
+
+    strategy = ddp.data_parallel_sharding_strategy
+
+    def shard(n_dense: float, n_experts: float, sharded: bool) -> float:
+        if not sharded:
+            return n_dense + n_experts
+        return n_dense / max(dense_dp // instances, 1) + n_experts / max(expert_dp // instances, 1)
+
+    param_bytes = 2 if m.bf16 else 4
+    grad_bytes = 4 if ddp.grad_reduce_in_fp32 or not m.bf16 else 2
+    shard_fraction = shard(dense, experts, True) / (dense + experts)
+    weights = shard(dense, experts, strategy == "optim_grads_params") * param_bytes
+    grads_sharded = strategy in ("optim_grads", "optim_grads_params")
+    gradients = trainable * (shard_fraction if grads_sharded else 1.0) * grad_bytes
+    # Megatron-FSDP shards optimizer state unless no_shard; plain Megatron DDP does with the distributed optimizer
+    optimizer_sharded = strategy != "no_shard" if config.dist.use_megatron_fsdp else bool(ddp.use_distributed_optimizer)
+    optimizer = trainable * (shard_fraction if optimizer_sharded else 1.0) * (12 if m.bf16 else 8)
+
+    fsdp_buffers = 0.0
+    if strategy == "optim_grads_params":
+        layer = (attention_params(m) + m.num_moe_experts * m.hidden_size) / tp + m.num_moe_experts * expert_params(
+            m
+        ) / ep
+        unit = max(layer, m.vocab_size * m.hidden_size / tp)
+        fsdp_buffers = 2 * unit * (param_bytes + grad_bytes)
+
+    return MemoryEstimate(
+        weights=round(weights),
+        gradients=round(gradients),
+        optimizer=round(optimizer),
+        fsdp_buffers=round(fsdp_buffers),
+        activations=round(activation_bytes(config, image_share)),
+    )
+
+
+def decoder_layer_activation_bytes(config: Config) -> float:
+    """Bytes kept for the backward pass per token in one decoder layer, without recompute."""
+    m = config.model
+    h, q, kv = m.hidden_size, m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    attention = 2 * (2 * h + 2 * q + 2 * kv) / m.tensor_model_parallel_size
+    moe = 2 * (3 * h + m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size)) + 8 * m.num_moe_experts
+    return attention + moe
+
+
+def activation_bytes(config: Config, image_share: float) -> float:
+    m = config.model
+    tokens = config.train.micro_batch_size * m.seq_length / m.context_parallel_size
+    layers = m.num_layers / m.pipeline_model_parallel_size
+    per_layer = decoder_layer_activation_bytes(config)
+    if m.recompute_granularity == "full":
+        n = m.recompute_num_layers or 1
+        if m.recompute_method == "block":
+            decoder = n * 2 * m.hidden_size + max(layers - n, 0) * per_layer
+        else:
+            decoder = (layers / n) * 2 * m.hidden_size + n * per_layer
+    elif m.recompute_granularity == "selective":
+        q = m.num_attention_heads * m.kv_channels / m.tensor_model_parallel_size
+        decoder = layers * (per_layer - 2 * q)
+    else:
+        decoder = layers * per_layer
+    v = m.vision
+    patches = tokens * image_share * v.spatial_merge_size**2
+    vision = patches * v.depth * 2 * (7 * v.hidden_size + 3 * v.intermediate_size)
+    deepstack = patches / v.spatial_merge_size**2 * m.hidden_size * 2 * len(v.deepstack_visual_indexes)
+    logits = tokens * m.vocab_size * (2 + 4) / m.tensor_model_parallel_size
+    return tokens * decoder + vision + deepstack + logits
