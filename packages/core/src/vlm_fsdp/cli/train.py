@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from vlm_fsdp.cli.common import add_config_arguments, config_from_args
+
+LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,9 +18,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a Qwen3-VL MoE model with Megatron-Core and Megatron-FSDP. With no arguments, trains "
         "the tiny recipe on the bundled image-text data on one GPU. The resolved config and the run's "
         "provenance are printed and saved as config.yaml in train.output_dir. Without a CUDA GPU it stops at "
-        "once; use `vlm-fsdp plan` to check a run on the CPU.",
+        "once; use `vlm-fsdp plan` to check a run on the CPU. With --nproc-per-node or --nnodes above 1 it "
+        "starts the ranks through torch.distributed.run (one launcher per node).",
     )
     add_config_arguments(parser)
+    parser.add_argument(
+        "--nproc-per-node", type=int, default=1, metavar="N", help="ranks (GPUs) to start on this node (default: 1)"
+    )
+    parser.add_argument(
+        "--nnodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="nodes taking part; every node runs this same command (default: 1)",
+    )
+    parser.add_argument(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        default="localhost:29500",
+        help="rendezvous address all nodes reach, e.g. the first node of a Slurm job (default: localhost:29500)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest complete checkpoint in checkpoint.save"
+    )
     parser.set_defaults(func=run)
 
 
@@ -30,6 +54,36 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "training needs a CUDA GPU and none is visible here. To check a run's parameters, FLOPs, memory "
             f"and layout on this machine, use: vlm-fsdp plan --recipe {args.recipe}"
+            + (f" --config-file {args.config_file}" if args.config_file else "")
             + "".join(f" {o}" for o in args.overrides)
         )
+    if (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        return launch(args)
     raise UserError("the training loop is not part of this build yet")
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Re-run this command once per rank through torch.distributed.run (c10d rendezvous)."""
+    from torch.distributed.run import main as torchrun
+
+    rest, skip = [], False
+    for word in sys.argv[sys.argv.index("train") + 1 :]:
+        if skip:
+            skip = False
+        elif word in LAUNCH_FLAGS:
+            skip = True
+        elif not word.startswith(tuple(f"{f}=" for f in LAUNCH_FLAGS)):
+            rest.append(word)
+    torchrun(
+        [
+            f"--nproc-per-node={args.nproc_per_node}",
+            f"--nnodes={args.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv_endpoint}",
+            "-m",
+            "vlm_fsdp.cli.main",
+            "train",
+            *rest,
+        ]
+    )
+    return 0

@@ -86,6 +86,10 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     """The vision tower."""
 
+    hf_path: str | None = None
+    """Local Hugging Face Qwen3-VL-MoE directory (config.json + safetensors) whose weights start the run; its
+    architecture must match this config."""
+
     # --- sequence and precision ---
     seq_length: int = 4096
     """Tokens per packed training sequence."""
