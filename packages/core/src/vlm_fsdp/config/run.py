@@ -12,14 +12,43 @@ ShardingStrategy = Literal["no_shard", "optim", "optim_grads", "optim_grads_para
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where training samples come from."""
+    """Where training samples come from and how they become packed, balanced microbatches."""
 
     path: str | None = None
     """Dataset directory (Megatron-Energon WebDataset, see `vlm-fsdp data prepare`); null: the bundled data."""
     text_only: bool = False
-    """Train on the text-only part of the data (a baseline without the vision path)."""
+    """Train on the text-only part of the data (a baseline without the vision path): the bundled text set, or the
+    samples of data.path that have no image."""
+    tokenizer: str | None = None
+    """A `tokenizer.json`, or a Hugging Face model directory holding one (its `preprocessor_config.json` then sets
+    the image normalisation and pixel limits); null: the bundled tokenizer, or model.hf_path's when set."""
     num_workers: int = 2
-    """Data-loading worker processes per rank."""
+    """Data-loading worker processes per rank (started with forkserver); 0 decodes in the training process."""
+    prefetch_factor: int = 2
+    """Microbatches each worker prepares ahead of the training loop."""
+    timeout_seconds: float = 300.0
+    """Fail with an error when the workers deliver no microbatch for this long."""
+    strict: bool = False
+    """Stop with an error at the first unusable sample (corrupt or missing image, too long); false: skip it,
+    count it and log its id."""
+    image_buckets: list[list[int]] = field(
+        default_factory=lambda: [[640, 640], [576, 768], [768, 576], [544, 800], [800, 544], [480, 864], [864, 480]]
+    )
+    """Allowed image sizes as [height, width] pairs (multiples of patch size x merge size, 32): every image is
+    resized to the one closest in aspect ratio, then in area. The default, ~1,600-1,730 patches (400-432 tokens)
+    each, puts about 8 photos into a 4096-token sequence. An empty list keeps each image's own size (Qwen's resize
+    within min/max pixels: many distinct shapes)."""
+    min_pixels: int | None = None
+    """Smallest image area (pixels) of Qwen's resize rule; null: the model directory's preprocessor setting, else
+    Qwen3-VL's 65,536."""
+    max_pixels: int | None = None
+    """Largest image area (pixels) of Qwen's resize rule; null: the model directory's preprocessor setting, else
+    Qwen3-VL's 16,777,216."""
+    max_patches_per_microbatch: int | None = None
+    """Vision patch budget of one microbatch (each packed sequence gets an equal share); null: bounded only by
+    model.seq_length (4 patches per image token)."""
+    packing_window: int = 256
+    """Samples packed together (first-fit decreasing) into sequences of model.seq_length tokens."""
 
 
 @dataclass(kw_only=True)
