@@ -26,16 +26,16 @@ class DataConfig:
     """Data-loading worker processes per rank (started with forkserver); 0 decodes in the training process."""
     prefetch_factor: int = 2
     """Microbatches each worker prepares ahead of the training loop."""
-    timeout_seconds: float = 300.0
+    timeout_seconds: float = 120.0
     """Fail with an error when the workers deliver no microbatch for this long."""
     strict: bool = False
     """Stop with an error at the first unusable sample (corrupt or missing image, too long); false: skip it,
     count it and log its id."""
     image_buckets: list[list[int]] = field(
-        default_factory=lambda: [[640, 640], [576, 768], [768, 576], [544, 800], [800, 544], [480, 864], [864, 480]]
+        default_factory=lambda: [[672, 672], [576, 768], [768, 576], [544, 832], [832, 544], [512, 896], [896, 512]]
     )
     """Allowed image sizes as [height, width] pairs (multiples of patch size x merge size, 32): every image is
-    resized to the one closest in aspect ratio, then in area. The default, ~1,600-1,730 patches (400-432 tokens)
+    resized to the one closest in aspect ratio, then in area. The default, 1,728-1,792 patches (432-448 tokens)
     each, puts about 8 photos into a 4096-token sequence. An empty list keeps each image's own size (Qwen's resize
     within min/max pixels: many distinct shapes)."""
     min_pixels: int | None = None

@@ -31,7 +31,8 @@ def index_dataset(root: Path, shards: list[str]) -> None:
         BaseWebdatasetFactory.prepare_dataset(
             EPath(root),
             shards,
-            split_parts_patterns=[(split, rf"{split}-\d+\.tar$") for split in SPLITS],
+            # regular expressions without backslashes: Energon passes them through braceexpand, which drops them
+            split_parts_patterns=[(split, f"{split}-[0-9]+[.]tar$") for split in SPLITS],
             shuffle_seed=None,
             workers=1,
         )
@@ -54,8 +55,9 @@ class SplitReader:
             )
         try:
             meta = WebdatasetMeta.from_config(path=EPath(self.root), split_part=split)
-        except Exception as err:  # Energon raises assorted errors for a missing split
-            raise UserError(f"{self.root} has no readable '{split}' split: {err}") from None
+        except Exception as err:  # Energon raises assorted errors for a missing or empty split
+            hint = " (`vlm-fsdp data prepare` makes one with --val or --val-fraction)" if split == "val" else ""
+            raise UserError(f"{self.root} has no samples in a '{split}' split{hint}: {err}") from None
         self.shards = meta.shards
         self.excluded = meta.sample_excludes
         self.length = sum(shard.count for shard in self.shards)

@@ -8,12 +8,14 @@ patches ordered by 2x2 merge window, each flattened as (channel, time, row, colu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 QWEN3_VL_MIN_PIXELS = 65_536
 QWEN3_VL_MAX_PIXELS = 16_777_216
@@ -106,25 +108,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode(data: bytes) -> Image.Image:
-    """Decode image bytes completely (so truncated files fail here, not later) into an RGB image."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(f"cannot decode: {err}") from None
+    """Decode image bytes completely into an RGB image."""
+    with _opened(data) as image:
+        return to_rgb(image)
 
 
 def verify(data: bytes) -> tuple[str | None, int, int]:
     """Format name, width and height of image bytes that decode completely and have a usable shape."""
+    with _opened(data) as image:
+        kind, width, height = image.format, image.width, image.height
+    check_aspect(height, width)
+    return kind, width, height
+
+
+@contextlib.contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
+    """The completely decoded image (so truncated files fail here, not later), or ImageError."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            kind, width, height = image.format, image.width, image.height
+            yield image
+    except UnidentifiedImageError:
+        raise ImageError("not an image file Pillow can read") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot decode: {err}") from None
-    check_aspect(height, width)
-    return kind, width, height
 
 
 def patchify(image: Image.Image, settings: ImageSettings) -> np.ndarray:
