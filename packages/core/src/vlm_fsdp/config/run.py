@@ -47,8 +47,9 @@ class DataConfig:
     max_patches_per_microbatch: int | None = None
     """Vision patch budget of one microbatch (each packed sequence gets an equal share); null: bounded only by
     model.seq_length (4 patches per image token)."""
-    packing_window: int = 256
-    """Samples packed together (first-fit decreasing) into sequences of model.seq_length tokens."""
+    packing_window: int = 32
+    """Sequences planned together: samples are taken in order until they fill this many sequences of
+    model.seq_length tokens, then packed by first-fit decreasing (more: fuller sequences, longer look-ahead)."""
 
 
 @dataclass(kw_only=True)

@@ -75,12 +75,12 @@ def check_aspect(height: int, width: int) -> None:
 
 
 def target_size(height: int, width: int, settings: ImageSettings) -> tuple[int, int]:
-    """The (height, width) an image of this size is resized to: Qwen's rule, then the closest bucket (aspect ratio
-    first, area second) when buckets are set."""
+    """The (height, width) an image of this size is resized to: Qwen's rule, then, when buckets are set, the bucket
+    closest to the image's aspect ratio and, among those, to the area Qwen's rule gave."""
     h, w = smart_resize(height, width, settings.factor, settings.min_pixels, settings.max_pixels)
     if not settings.buckets:
         return h, w
-    aspect, area = math.log(h / w), math.log(h * w)
+    aspect, area = math.log(height / width), math.log(h * w)
     return min(
         settings.buckets,
         key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 6), abs(math.log(b[0] * b[1]) - area)),

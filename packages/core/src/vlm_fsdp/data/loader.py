@@ -4,17 +4,18 @@ How a microbatch comes about, the same way on every data-parallel rank:
 
 1. Sample order: for training, a fresh permutation of the split per epoch (seeded by train.seed and the epoch),
    epochs following one another endlessly; for validation, the split in order, once per `iter()`.
-2. Packing: the order is cut into windows of data.packing_window samples; each window's samples are packed into
-   sequences of model.seq_length tokens (first-fit decreasing, also under the patch budget) from their recorded
-   sizes alone, and the sequences of a training window are shuffled. This gives one global stream of sequences
-   that depends on neither the number of ranks nor the microbatch size.
+2. Packing: the order is cut into windows of samples that fill data.packing_window sequences; each window's
+   samples are packed into sequences of model.seq_length tokens (first-fit decreasing, also under the patch
+   budget) from their recorded sizes alone, and the sequences of a training window are shuffled. This gives one
+   global stream of sequences that depends on neither the number of ranks nor the microbatch size.
 3. Balancing: each round takes the next dp_size x micro_batch_size sequences of the stream and gives every rank
    micro_batch_size of them with similar patch counts (`balance.py`).
 4. Workers: a rank's share of the round is read, decoded and encoded by worker processes (forkserver: no CUDA
    state is ever forked into a process that decodes with PIL), in order, with a timeout.
 
-The loader's state is the position in the sequence stream (window, sequence), so a restored loader continues with
-exactly the sequences an uninterrupted run would produce, with any number of ranks or microbatch size.
+The loader's state is the position in the sequence stream (where its window starts in the sample order, and how
+many of the window's sequences were taken), so a restored loader continues with exactly the sequences an
+uninterrupted run would produce, with any number of ranks or microbatch size.
 
 Where Energon is and is not used: the dataset is an Energon WebDataset read through Energon's random-access tar
 reader (`energon.py`). Energon's loader machinery (`get_train_dataset`, its packing and `get_savable_loader`) is
@@ -27,7 +28,6 @@ decoded) and only decoding runs in workers.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -69,6 +69,8 @@ class Window:
 
     sequences: list[Sequence]
     skips: list[Skip]
+    end: int
+    """Position in the order where the next window begins."""
 
 
 @dataclass(kw_only=True)
@@ -78,7 +80,8 @@ class Work:
     rows: list[list[int]]
     """Dataset indices of the samples of each row."""
     position: tuple[int, int]
-    """(window, sequence) of the stream after this microbatch's round."""
+    """The stream position after this microbatch's round: (window start in the sample order, sequences of that
+    window already taken)."""
     skips: list[Skip]
     """Samples the planner left out since the previous round."""
 
@@ -125,11 +128,6 @@ class Planner:
         self._windows: OrderedDict[int, Window] = OrderedDict()
         self._epoch: tuple[int, np.ndarray] | None = None
 
-    @property
-    def num_windows(self) -> int | None:
-        """Windows in the stream: endless (None) for training."""
-        return None if self.train else math.ceil(self.size / self.settings.packing_window)
-
     def index(self, position: int) -> int:
         """Dataset index of the sample at this position of the order."""
         if not self.train:
@@ -139,76 +137,75 @@ class Planner:
             self._epoch = (epoch, np.random.default_rng((self.settings.seed, epoch)).permutation(self.size))
         return int(self._epoch[1][offset])
 
-    def window(self, k: int) -> Window:
-        if k not in self._windows:
-            self._windows[k] = self._pack(k)
+    def window(self, start: int) -> Window:
+        """The window that begins at this position of the order."""
+        if start not in self._windows:
+            self._windows[start] = self._pack(start)
             while len(self._windows) > 2:
                 self._windows.popitem(last=False)
-        return self._windows[k]
+        return self._windows[start]
 
-    def _pack(self, k: int) -> Window:
+    def _pack(self, start: int) -> Window:
         s = self.settings
-        start = k * s.packing_window
-        stop = start + s.packing_window if self.train else min(start + s.packing_window, self.size)
-        items, skips = [], []
-        for position in range(start, stop):
-            index = self.index(position)
-            try:
-                record = self.reader.meta(index)
-                if record is None:
-                    continue  # excluded by the dataset's split.yaml
-                if s.drop_image_samples and record["images"]:
-                    continue
-                tokens, patches = cost(record, s)
-            except SampleError as err:
-                skips.append(Skip(f"#{index}", err.kind, err.detail))
-                continue
-            except (KeyError, TypeError, ValueError) as err:
-                skips.append(Skip(f"#{index}", "unreadable sample", repr(err)))
-                continue
-            if tokens > s.seq_length:
-                skips.append(Skip(record["id"], "longer than model.seq_length", f"{tokens} tokens"))
-            elif s.max_patches_per_sequence is not None and patches > s.max_patches_per_sequence:
-                skips.append(Skip(record["id"], "over the patch budget", f"{patches} patches"))
-            else:
-                items.append(Item(index=index, tokens=tokens, patches=patches))
+        items, skips, tokens, position = [], [], 0, start
+        while tokens < s.packing_window * s.seq_length and (self.train or position < self.size):
+            if position - start > self.size and not items:
+                raise DataError(
+                    f"{self.reader.root} ({self.reader.split} split): no sample is usable"
+                    + (" (data.text_only keeps only samples without images)" if s.drop_image_samples else "")
+                    + "".join(f"; {skip.sample}: {skip.kind} ({skip.detail})" for skip in skips[:3])
+                )
+            item = self._item(self.index(position), skips)
+            position += 1
+            if item is not None:
+                items.append(item)
+                tokens += item.tokens
         sequences = pack(items, s.seq_length, s.max_patches_per_sequence)
         if self.train:
-            order = np.random.default_rng((s.seed, k, 1)).permutation(len(sequences))
+            order = np.random.default_rng((s.seed, start, 1)).permutation(len(sequences))
             sequences = [sequences[i] for i in order]
-        return Window(sequences=sequences, skips=skips)
+        return Window(sequences=sequences, skips=skips, end=position)
+
+    def _item(self, index: int, skips: list[Skip]) -> Item | None:
+        """What packing needs of a sample, or None (with the reason added to `skips` when it is unusable)."""
+        s = self.settings
+        try:
+            record = self.reader.meta(index)
+            if record is None or (s.drop_image_samples and record["images"]):
+                return None  # excluded by the dataset's split.yaml, or has images under data.text_only
+            tokens, patches = cost(record, s)
+        except SampleError as err:
+            skips.append(Skip(f"#{index}", err.kind, err.detail))
+            return None
+        except (KeyError, TypeError, ValueError) as err:
+            skips.append(Skip(f"#{index}", "unreadable sample", repr(err)))
+            return None
+        if tokens > s.seq_length:
+            skips.append(Skip(record["id"], "longer than model.seq_length", f"{tokens} tokens"))
+        elif s.max_patches_per_sequence is not None and patches > s.max_patches_per_sequence:
+            skips.append(Skip(record["id"], "over the patch budget", f"{patches} patches"))
+        else:
+            return Item(index=index, tokens=tokens, patches=patches)
+        return None
 
     def rounds(self, position: tuple[int, int], count: int) -> Iterator[tuple[list[Sequence], list[Skip], tuple]]:
-        """From `position` on, each round's `count` sequences (fewer at the end of a validation pass), the samples
-        left out on the way, and the position after the round."""
-        k, j = position
-        empty_windows = 0
+        """From `position` (window start, sequences of it already taken) on, each round's `count` sequences (fewer
+        at the end of a validation pass), the samples left out on the way, and the position after the round."""
+        start, taken = position
         while True:
             sequences, skips = [], []
-            while len(sequences) < count and (self.num_windows is None or k < self.num_windows):
-                window = self.window(k)
-                if j == 0:
+            while len(sequences) < count and (self.train or start < self.size):
+                window = self.window(start)
+                if taken == 0:
                     skips += window.skips
-                taken = window.sequences[j : j + count - len(sequences)]
-                sequences += taken
-                j += len(taken)
-                if j >= len(window.sequences):
-                    k, j = k + 1, 0
-                empty_windows = 0 if taken else empty_windows + 1
-                if empty_windows * self.settings.packing_window > self.size + self.settings.packing_window:
-                    raise DataError(
-                        f"{self.reader.root} ({self.reader.split} split): no sample is usable"
-                        + (
-                            " (data.text_only keeps only samples without images)"
-                            if self.settings.drop_image_samples
-                            else ""
-                        )
-                        + "; skipped: "
-                        + ", ".join(f"{s.kind} ({s.detail})" for s in skips[:3])
-                    )
+                more = window.sequences[taken : taken + count - len(sequences)]
+                sequences += more
+                taken += len(more)
+                if taken >= len(window.sequences):
+                    start, taken = window.end, 0
             if not sequences:
                 return
-            yield sequences, skips, (k, j)
+            yield sequences, skips, (start, taken)
 
 
 class Rounds:
@@ -300,6 +297,7 @@ class Loader:
         except RuntimeError as err:
             if "timed out" not in str(err):
                 raise
+            self.close()
             raise DataError(
                 f"the data workers delivered no microbatch within data.timeout_seconds="
                 f"{self.settings.timeout_seconds}: decoding is too slow for it (raise data.num_workers or the "
@@ -316,6 +314,12 @@ class Loader:
         s.loss_tokens += batch.num_loss_tokens
         s.capacity += batch.input_ids.numel()
         return batch
+
+    def close(self) -> None:
+        """Stop the worker processes now (they stop anyway when the loader is garbage-collected); the next
+        microbatch starts them again."""
+        # the DataLoader keeps its persistent workers' iterator too; the last reference going shuts the workers down
+        self._iterator = self._loader._iterator = None
 
     def _skip(self, skip: Skip) -> None:
         if self.settings.strict:
