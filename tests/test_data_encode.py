@@ -142,9 +142,7 @@ def doc_of(names: list[str], tok, settings: ImageSettings) -> Doc:
         ids=encoded.ids,
         is_target=encoded.is_target,
         positions=mrope_positions(encoded.ids, grids, special.image_pad, settings.merge_size),
-        pixel_values=np.concatenate(
-            [image_patches((IMAGES / n).read_bytes(), s, settings)[0] for n, s in zip(names, sizes, strict=True)]
-        ),
+        pixels=[image_patches((IMAGES / n).read_bytes(), s, settings)[0] for n, s in zip(names, sizes, strict=True)],
         grids=grids,
     )
 
@@ -178,7 +176,7 @@ def test_collate_shifts_labels_within_each_sample_and_marks_segments(tok):
         ids=np.asarray([special.im_start, 5, 6, special.im_end], np.int64),
         is_target=np.asarray([False, False, True, True]),
         positions=np.tile(np.arange(4), (3, 1)),
-        pixel_values=np.zeros((0, settings.patch_dim), np.float32),
+        pixels=[],
         grids=[],
     )
     lengths = [len(d.ids) for d in docs]

@@ -98,6 +98,13 @@ def test_the_proxy_packs_about_eight_photos_into_each_4096_token_sequence():
     assert len(shapes) <= 7  # the resolution buckets
 
 
+def test_the_patch_budget_bounds_every_microbatch_and_skips_samples_that_cannot_fit():
+    source = loader("tiny", "data.max_patches_per_microbatch=4000")  # 2000 per sequence: one photo each
+    for batch in take(source, 6):
+        assert sum(batch.image_patches) <= 4000 and len(batch.image_patches) <= 2
+    assert source.stats.skipped["over the patch budget"] > 0  # the two-photo samples
+
+
 def test_text_only_batches_have_no_images():
     source = loader("tiny_text")
     for batch in take(source, 3):
@@ -180,6 +187,7 @@ def test_full_size_recipe_with_the_bundled_tokenizer_says_how_to_fix_it():
         ("data.path=/nonexistent/dataset", "vlm-fsdp data prepare"),
         ("data.max_patches_per_microbatch=1", "below train.micro_batch_size"),
         ("data.tokenizer=/nonexistent", "no tokenizer.json there"),
+        ("data.max_pixels=1000", "0 < min_pixels <= max_pixels"),
     ],
 )
 def test_bad_data_settings_are_rejected_with_the_reason(override, words):

@@ -20,8 +20,8 @@ class Doc:
     """[L] bool: the token is a loss target."""
     positions: np.ndarray
     """[3, L] int64 mRoPE position ids, starting at 0."""
-    pixel_values: np.ndarray
-    """[patches, C*T*P*P] float32 of all its images, in order."""
+    pixels: list[np.ndarray]
+    """[patches, C*T*P*P] float32 of each image, in order."""
     grids: list[tuple[int, int, int]]
     """(t, h, w) patch grid of each image."""
 
@@ -87,7 +87,7 @@ def collate(rows: list[list[Doc]], seq_length: int, pad_id: int, patch_dim: int)
             next_position = int(doc.positions.max()) + 1 if n else 0
             segments.append(n)
             doc_lengths.append(n)
-            pixels.append(doc.pixel_values)
+            pixels += doc.pixels
             grids += doc.grids
             at += n
         if at < seq_length:

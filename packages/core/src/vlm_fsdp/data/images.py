@@ -137,14 +137,17 @@ def _opened(data: bytes) -> Iterator[Image.Image]:
 def patchify(image: Image.Image, settings: ImageSettings) -> np.ndarray:
     """[num_patches, C*T*P*P] float32 rows of an RGB image whose sides are multiples of settings.factor."""
     p, m, t = settings.patch_size, settings.merge_size, settings.temporal_patch_size
-    array = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
-    array = (array - np.asarray(settings.mean, np.float32)) / np.asarray(settings.std, np.float32)
-    height, width, channels = array.shape
+    pixels = np.asarray(image)
+    height, width, channels = pixels.shape
     gh, gw = height // p, width // p
-    patches = array.transpose(2, 0, 1).reshape(channels, gh // m, m, p, gw // m, m, p)
-    patches = patches.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p): merge windows first
-    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
-    return np.ascontiguousarray(patches).reshape(gh * gw, channels * t * p * p)
+    # reorder while still one byte per value: (gh/m, gw/m, m, m) patches, merge windows first, each (C, p, p)
+    pixels = pixels.reshape(gh // m, m, p, gw // m, m, p, channels).transpose(0, 3, 1, 4, 6, 2, 5)
+    values = pixels.reshape(gh * gw, channels, 1, p * p).astype(np.float32) * np.float32(1 / 255)
+    values -= np.asarray(settings.mean, np.float32)[:, None, None]
+    values /= np.asarray(settings.std, np.float32)[:, None, None]
+    patches = np.empty((gh * gw, channels, t, p * p), np.float32)
+    patches[:] = values  # the still image repeated along time
+    return patches.reshape(gh * gw, channels * t * p * p)
 
 
 def image_patches(data: bytes, size: tuple[int, int], settings: ImageSettings) -> tuple[np.ndarray, tuple]:

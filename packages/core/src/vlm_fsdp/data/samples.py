@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from vlm_fsdp.data.batch import Doc
 from vlm_fsdp.data.chat import SampleError, encode, image_refs
 from vlm_fsdp.data.images import ImageError, grid_thw, image_patches, num_image_tokens
@@ -47,6 +46,6 @@ def make_doc(parts: dict, settings: DataSettings) -> Doc:
         ids=encoded.ids,
         is_target=encoded.is_target,
         positions=mrope_positions(encoded.ids, grids, settings.special.image_pad, settings.images.merge_size),
-        pixel_values=np.concatenate(pixels) if pixels else np.zeros((0, settings.images.patch_dim), np.float32),
+        pixels=pixels,
         grids=grids,
     )

@@ -112,7 +112,10 @@ def image_settings(config: Config, processor: dict) -> ImageSettings:
     min_pixels = data.min_pixels or processor.get("min_pixels") or size.get("shortest_edge") or QWEN3_VL_MIN_PIXELS
     max_pixels = data.max_pixels or processor.get("max_pixels") or size.get("longest_edge") or QWEN3_VL_MAX_PIXELS
     if not 0 < min_pixels <= max_pixels:
-        raise ConfigError(f"need 0 < min_pixels <= max_pixels, got data.min_pixels={min_pixels}, max={max_pixels}")
+        raise ConfigError(
+            f"image pixel limits need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}: set "
+            "data.min_pixels and data.max_pixels (null takes them from the model directory or Qwen3-VL's defaults)"
+        )
     factor = vision.patch_size * vision.spatial_merge_size
     buckets = []
     for bucket in data.image_buckets:
