@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_fsdp.config.run import Config
+from vlm_fsdp.data.bundled import bundled_dataset
 from vlm_fsdp.data.images import QWEN3_VL_MAX_PIXELS, QWEN3_VL_MIN_PIXELS, ImageSettings
 from vlm_fsdp.data.tokenizer import SpecialIds, check_against_model, load_tokenizer, resolve_tokenizer_path, special_ids
 from vlm_fsdp.errors import ConfigError
@@ -55,8 +56,6 @@ def resolve(config: Config) -> DataSettings:
             "an equal share of the budget; raise it (or set null for no budget beyond model.seq_length)"
         )
     if data.path is None:
-        from vlm_fsdp.data.bundled import bundled_dataset
-
         dataset = bundled_dataset(text_only=data.text_only)
     else:
         dataset = Path(data.path).expanduser()

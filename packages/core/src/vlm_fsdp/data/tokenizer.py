@@ -109,8 +109,9 @@ def check_against_model(tokenizer: Tokenizer, path: Path, model: ModelConfig) ->
         wrong.append(f"the tokenizer has {size} tokens, more than model.vocab_size={model.vocab_size}")
     if wrong:
         fix = (
-            "set model.hf_path or data.tokenizer to the model's own Hugging Face directory"
+            "set model.hf_path or data.tokenizer to the model's Hugging Face directory, or give a model trained "
+            "from scratch the bundled tokenizer's ids and a vocab_size of at least 8014, as the tiny recipe does"
             if path == BUNDLED_TOKENIZER
-            else "set the model's token ids to the tokenizer's (or use the tokenizer the model was trained with)"
+            else "use the tokenizer the model was trained with, or set the model's token ids to this tokenizer's"
         )
         raise ConfigError(f"tokenizer {path} does not match the model: " + "; ".join(wrong) + f". To fix: {fix}")
