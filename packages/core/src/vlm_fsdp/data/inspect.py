@@ -8,6 +8,7 @@ import numpy as np
 from vlm_fsdp.data.chat import SampleError, image_refs
 from vlm_fsdp.data.energon import SPLITS, SplitReader
 from vlm_fsdp.data.images import ImageError, target_size
+from vlm_fsdp.data.prepare import plural
 from vlm_fsdp.data.samples import cost
 from vlm_fsdp.data.settings import DataSettings
 from vlm_fsdp.errors import UserError
@@ -85,7 +86,7 @@ def render(report: dict, settings: DataSettings) -> str:
     for split, r in report.items():
         t = r["tokens"]
         lines += [
-            f"{split}: {r['samples']} samples, {r['images']} images",
+            f"{split}: {plural(r['samples'], 'sample')}, {plural(r['images'], 'image')}",
             "  images per sample: " + ", ".join(f"{k}: {v}" for k, v in r["images_per_sample"].items()),
         ]
         if r["images"]:

@@ -250,7 +250,8 @@ def _as_is(item):
 
 class Loader:
     """Microbatches (`Batch`) of one data-parallel rank; see the module docstring. Training iterates endlessly;
-    validation makes one pass per `iter()` (every rank gets the same number of microbatches)."""
+    validation makes one pass per `iter()`, every rank getting the same number of microbatches (at the end of the
+    pass some rows, or a whole microbatch, may hold only padding: num_loss_tokens 0)."""
 
     def __init__(self, settings: DataSettings, split: Literal["train", "val"], *, dp_rank: int, dp_size: int):
         if not 0 <= dp_rank < dp_size:

@@ -40,14 +40,20 @@ class Summary:
 
     def render(self, output: Path) -> str:
         lines = [
-            f"wrote {sum(self.samples.values())} samples ({', '.join(f'{s} {self.samples[s]}' for s in SPLITS)}), "
-            f"{self.images} images, {len(self.shards)} shards to {output}",
-            f"skipped {sum(self.skipped.values())} samples"
+            f"wrote {plural(sum(self.samples.values()), 'sample')} "
+            f"({', '.join(f'{s} {self.samples[s]}' for s in SPLITS)}), {plural(self.images, 'image')}, "
+            f"{plural(len(self.shards), 'shard')} to {output}",
+            f"skipped {plural(sum(self.skipped.values()), 'sample')}"
             + "".join(f"\n  {count:6d}  {reason}" for reason, count in self.skipped.most_common()),
         ]
         if self.examples:
             lines.append("first skipped:" + "".join(f"\n  {e}" for e in self.examples))
         return "\n".join(lines)
+
+
+def plural(n: int, noun: str) -> str:
+    """`1 sample`, `2 samples`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class ShardWriter:
