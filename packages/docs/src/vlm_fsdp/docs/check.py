@@ -115,8 +115,8 @@ def command_problem(words: list[str], root: Path, runnable: bool = True) -> str 
     """Why a documented command would fail before it starts (for a mention: why it does not exist), or None."""
     shown = shlex.join(words)
     parser = build_parser()
-    if len(words) > 1 and words[1] in EXTERNAL_COMMANDS and words[1] not in subparsers(parser):
-        return None
+    if len(words) > 1 and not words[1].startswith("-") and words[1] not in subparsers(parser):
+        return None if words[1] in EXTERNAL_COMMANDS else f"`{shown}`: no such vlm-fsdp command"
     if not runnable:
         return mention_problem(words, parser)
     err = io.StringIO()

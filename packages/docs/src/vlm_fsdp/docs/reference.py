@@ -65,13 +65,14 @@ def config_reference() -> str:
         "A default of `null` that the Megatron-FSDP switch (`dist.use_megatron_fsdp`) decides is shown with both",
         "of its values. Combinations that cannot work are rejected when the config is loaded, with the reason.",
     ]
-    for key, cls in sections():
+    for key, cls in [("", Config), *sections()]:
         summary = (cls.__doc__ or "").strip().splitlines()[0]
-        lines += ["", f"## `{key}` {{#{key.replace('.', '-')}}}", "", summary, ""]
+        heading = f"`{key}` {{#{key.replace('.', '-')}}}" if key else "Top level {#top-level}"
+        lines += ["", f"## {heading}", "", summary, ""]
         lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         docs, types = field_docs(cls), field_types(cls)
         for field in dataclasses.fields(cls):
-            full, tp = f"{key}.{field.name}", types[field.name]
+            full, tp = f"{key}.{field.name}" if key else field.name, types[field.name]
             if is_config_class(tp):
                 default = f"see [`{full}`](#{full.replace('.', '-')})"
                 shown = tp.__name__
