@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +18,7 @@ from vlm_fsdp.config.recipes import load_recipe, recipe_names, recipe_summary
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.plan.params import count_params
 
-# Width of the `--help` text on the CLI page (argparse otherwise follows the terminal it runs in).
+# Width of the `--help` text on the command-line page.
 HELP_WIDTH = 100
 
 
@@ -149,16 +149,9 @@ def commands(
 
 
 def help_text(parser: argparse.ArgumentParser) -> str:
-    """`--help` of a parser at a fixed width."""
-    saved = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = str(HELP_WIDTH)
-    try:
-        return parser.format_help()
-    finally:
-        if saved is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = saved
+    """`--help` of a parser at a fixed width (argparse otherwise follows the terminal it runs in)."""
+    parser.formatter_class = functools.partial(parser.formatter_class, width=HELP_WIDTH)
+    return parser.format_help()
 
 
 def cli_reference() -> str:
