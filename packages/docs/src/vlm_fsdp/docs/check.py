@@ -21,11 +21,12 @@ from vlm_fsdp.config.load import load_config
 from vlm_fsdp.config.overrides import all_keys, apply_mapping
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.docs.embed import EMBED
+from vlm_fsdp.docs.reference import subparsers
 from vlm_fsdp.errors import UserError
 
-# Subcommands the guide documents that another workspace package registers through the `vlm_fsdp.cli` entry
-# points. Where that package does not register them (yet), their spelling cannot be checked and is reported.
-EXTERNAL_COMMANDS = {"convert": "vlm-fsdp-convert", "inspect": "vlm-fsdp-convert"}
+# Subcommands the guide documents that the vlm-fsdp-convert package registers through the `vlm_fsdp.cli` entry
+# points. Where it does not register them (yet), their spelling cannot be checked, and the build says so.
+EXTERNAL_COMMANDS = frozenset({"convert", "inspect"})
 
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```", re.M | re.S)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
@@ -85,15 +86,6 @@ def world_size(args: argparse.Namespace) -> int | None:
     if hasattr(args, "nnodes"):
         return args.nnodes * args.nproc_per_node
     return getattr(args, "gpus", None)
-
-
-def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    return {
-        name: sub
-        for action in parser._actions
-        if isinstance(action, argparse._SubParsersAction)
-        for name, sub in action.choices.items()
-    }
 
 
 def mention_problem(words: list[str], parser: argparse.ArgumentParser) -> str | None:

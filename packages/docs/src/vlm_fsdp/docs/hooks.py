@@ -32,7 +32,7 @@ def on_page_markdown(markdown, page, config, files):
     for problem in problems(markdown, root):
         log.warning(f"{page.file.src_uri}: {problem}")
     for command in unchecked_commands(markdown):
-        log.info(f"{page.file.src_uri}: not checked (its package does not register it here): {command}")
+        log.info(f"{page.file.src_uri}: not checked, vlm-fsdp-convert does not register it here: {command}")
     try:
         return expand(markdown, root)
     except EmbedError as error:

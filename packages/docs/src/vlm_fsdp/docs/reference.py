@@ -137,15 +137,23 @@ def recipes_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of a parser by name."""
+    return {
+        name: sub
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, sub in action.choices.items()
+    }
+
+
 def commands(
     parser: argparse.ArgumentParser, words: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """Every subcommand of a parser, nested ones included, as ('convert hf-to-fsdp', its parser)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield " ".join((*words, name)), sub
-                yield from commands(sub, (*words, name))
+    for name, sub in subparsers(parser).items():
+        yield " ".join((*words, name)), sub
+        yield from commands(sub, (*words, name))
 
 
 def help_text(parser: argparse.ArgumentParser) -> str:
