@@ -73,6 +73,7 @@ def container(session: nox.Session) -> None:
     """Build the training container image from ci/Dockerfile with docker or podman."""
     import shutil
     import subprocess
+    import tomllib
 
     engine = next((e for e in ("docker", "podman") if shutil.which(e)), None)
     if engine is None:
@@ -80,6 +81,8 @@ def container(session: nox.Session) -> None:
     if subprocess.run([engine, "info"], capture_output=True).returncode != 0:
         session.skip(f"{engine} is installed but no container engine is running: cannot build the image here")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    with open("packages/core/pyproject.toml", "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
     session.run(
         engine,
         "build",
@@ -87,6 +90,8 @@ def container(session: nox.Session) -> None:
         "ci/Dockerfile",
         "--build-arg",
         f"GIT_COMMIT={commit or 'unknown'}",
+        "--build-arg",
+        f"VERSION={version}",
         "-t",
         "vlm-fsdp:latest",
         *session.posargs,

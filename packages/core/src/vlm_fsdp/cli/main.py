@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 
 from vlm_fsdp.errors import UserError
 
-BUILTIN = ("train", "plan", "config", "recipes", "data")
+BUILTIN = ("train", "plan", "config", "recipes", "data", "slurm")
 GROUP = "vlm_fsdp.cli"
 
 

@@ -1,0 +1,1 @@
+"""Launchers that start `vlm-fsdp train` on many nodes (Slurm)."""
