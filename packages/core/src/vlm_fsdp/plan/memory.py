@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_fsdp.config.run import Config
-from vlm_fsdp.plan.params import ParamCounts, attention_params, count_params, expert_params, merger_params
+from vlm_fsdp.plan.params import ParamCounts, attention_params, count_params, expert_params, projection_params
 
 GiB = 1024**3
 
@@ -41,9 +41,7 @@ class MemoryEstimate:
 def trainable_params(config: Config, counts: ParamCounts) -> tuple[int, int, int]:
     """Trainable (language dense + embeddings, vision, experts) parameters under the freeze switches."""
     m = config.model
-    projection = merger_params(m, postshuffle_norm=False) + len(m.vision.deepstack_visual_indexes) * merger_params(
-        m, postshuffle_norm=True
-    )
+    projection = projection_params(m)
     language = 0 if m.freeze_language_model else counts.language_dense + counts.embeddings
     vision = (0 if m.freeze_vision_model else counts.vision - projection) + (
         0 if m.freeze_vision_projection else projection

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vlm_fsdp.config.model import ModelConfig
@@ -32,28 +33,44 @@ class ParamCounts:
         return self.vision + self.language_dense + self.active_experts + self.embeddings
 
 
-def vision_block_params(m: ModelConfig) -> int:
-    """One vision transformer block: two LayerNorms, fused QKV, output projection, MLP (all with biases)."""
-    h, i = m.vision.hidden_size, m.vision.intermediate_size
-    return 2 * (2 * h) + (h * 3 * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
-
-
-def merger_params(m: ModelConfig, *, postshuffle_norm: bool) -> int:
-    """A patch merger: LayerNorm, then an MLP from merged patches (merge^2 x width) to the decoder width."""
+def vision_param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every vision-tower tensor, named as in transformers' `Qwen3VLMoeVisionModel`."""
     v = m.vision
-    merged = v.hidden_size * v.spatial_merge_size**2
-    norm = 2 * (merged if postshuffle_norm else v.hidden_size)
-    return norm + (merged * merged + merged) + (merged * m.hidden_size + m.hidden_size)
+    h, i = v.hidden_size, v.intermediate_size
+    merged = h * v.spatial_merge_size**2
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embed.proj.weight": (h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),
+        "patch_embed.proj.bias": (h,),
+        "pos_embed.weight": (v.num_position_embeddings, h),
+    }
+    for b in range(v.depth):
+        for name, shape in {
+            "norm1.weight": (h,), "norm1.bias": (h,), "norm2.weight": (h,), "norm2.bias": (h,),
+            "attn.qkv.weight": (3 * h, h), "attn.qkv.bias": (3 * h,),
+            "attn.proj.weight": (h, h), "attn.proj.bias": (h,),
+            "mlp.linear_fc1.weight": (i, h), "mlp.linear_fc1.bias": (i,),
+            "mlp.linear_fc2.weight": (h, i), "mlp.linear_fc2.bias": (h,),
+        }.items():  # fmt: skip
+            shapes[f"blocks.{b}.{name}"] = shape
+    mergers = [("merger.", h)] + [
+        (f"deepstack_merger_list.{j}.", merged) for j in range(len(v.deepstack_visual_indexes))
+    ]
+    for prefix, norm in mergers:
+        shapes |= {
+            f"{prefix}norm.weight": (norm,), f"{prefix}norm.bias": (norm,),
+            f"{prefix}linear_fc1.weight": (merged, merged), f"{prefix}linear_fc1.bias": (merged,),
+            f"{prefix}linear_fc2.weight": (m.hidden_size, merged), f"{prefix}linear_fc2.bias": (m.hidden_size,),
+        }  # fmt: skip
+    return shapes
 
 
 def vision_params(m: ModelConfig) -> int:
-    v = m.vision
-    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2 * v.hidden_size + v.hidden_size
-    positions = v.num_position_embeddings * v.hidden_size
-    mergers = merger_params(m, postshuffle_norm=False) + len(v.deepstack_visual_indexes) * merger_params(
-        m, postshuffle_norm=True
-    )
-    return patch + positions + v.depth * vision_block_params(m) + mergers
+    return sum(math.prod(shape) for shape in vision_param_shapes(m).values())
+
+
+def projection_params(m: ModelConfig) -> int:
+    """The patch merger and DeepStack mergers, which project vision features into the decoder."""
+    return sum(math.prod(s) for n, s in vision_param_shapes(m).items() if n.startswith(("merger.", "deepstack_")))
 
 
 def attention_params(m: ModelConfig) -> int:

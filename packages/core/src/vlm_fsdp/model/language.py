@@ -1,0 +1,95 @@
+"""The language decoder: Megatron-Core's GPTModel with Qwen3-MoE layers, interleaved mRoPE and DeepStack.
+
+Design choices:
+- Layer spec: Megatron-Core's TransformerLayer, SelfAttention and MoELayer (router, token dispatcher, aux loss)
+  with our `PackedAttention` (flash varlen) as core attention and `GroupedExperts` (grouped GEMM) as experts;
+  no Transformer Engine needed.
+- Positions: `position_embedding_type="none"` and `_preprocess` supplies interleaved mRoPE angles computed from
+  the `[3, batch, seq]` position ids (Megatron-Core's own mRoPE is the sectioned Qwen2-VL variant).
+- Packed samples: the cumulative sequence lengths travel in the `attention_mask` argument to `PackedAttention`.
+- DeepStack: forward hooks on the first decoder layers add the vision features of DeepStack level i to the
+  output of layer i at image-token positions (they also run when a layer is recomputed).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from vlm_fsdp.config.model import ModelConfig
+from vlm_fsdp.model import compat  # noqa: F401  (patches megatron-core before layers are built)
+from vlm_fsdp.model.attention import PackedAttention
+from vlm_fsdp.model.experts import GroupedExperts
+from vlm_fsdp.model.layers import ColumnLinear, Router, RowLinear, make_resettable
+from vlm_fsdp.model.rope import mrope_frequencies
+
+
+def decoder_layer_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnLinear,
+                    core_attention=PackedAttention,
+                    linear_proj=RowLinear,
+                    q_layernorm=WrappedTorchNorm,
+                    k_layernorm=WrappedTorchNorm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=GroupedExperts, router=Router)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class LanguageModel(GPTModel):
+    """Qwen3-VL-MoE text decoder; `forward` returns the per-token loss `[batch, seq]` when labels are given."""
+
+    def __init__(self, config: TransformerConfig, model: ModelConfig) -> None:
+        super().__init__(
+            config,
+            decoder_layer_spec(),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            position_embedding_type="none",
+            share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        )
+        self.rotary_base = model.rotary_base
+        self.mrope_section = list(model.mrope_section)
+        make_resettable(self.embedding.word_embeddings, config.init_method)
+        make_resettable(self.output_layer, config.init_method)
+        self.deepstack: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
+        for index, layer in enumerate(self.decoder.layers):
+            layer.register_forward_hook(self._deepstack_hook(index))
+
+    def _preprocess(self, *args, position_ids=None, **kwargs):
+        out = list(super()._preprocess(*args, position_ids=None, **kwargs))
+        out[1] = mrope_frequencies(
+            position_ids, head_dim=self.config.kv_channels, base=self.rotary_base, section=self.mrope_section
+        )
+        return tuple(out)
+
+    def _deepstack_hook(self, index: int):
+        def add_features(module, inputs, output):
+            if self.deepstack is None or index >= len(self.deepstack[1]):
+                return output
+            (batch_index, seq_index), features = self.deepstack
+            hidden, context = output
+            positions = (seq_index, batch_index)
+            hidden = hidden.index_put(positions, hidden[positions] + features[index].to(hidden.dtype))
+            return hidden, context
+
+        return add_features

@@ -1,0 +1,79 @@
+"""Qwen3-VL-MoE for training: the vision tower and the Megatron-Core language decoder in one module.
+
+A step's microbatch flows as: token embeddings -> vision tower over the microbatch's images -> merged image
+features replace the embeddings of the `<|image_pad|>` tokens (batch-major order, as transformers does) ->
+DeepStack features are handed to the decoder -> decoder with mRoPE over packed samples -> per-token loss.
+A microbatch without images runs the tower on one dummy 32x32 image whose output is multiplied by zero, so every
+rank runs the same FSDP collectives and the tower's parameters always get (zero) gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from vlm_fsdp.config.model import ModelConfig
+from vlm_fsdp.data.batch import Batch
+from vlm_fsdp.model.language import LanguageModel
+from vlm_fsdp.model.vision import build_vision
+
+PROJECTION_PREFIXES = ("merger.", "deepstack_merger_list.")
+
+
+class Qwen3VLMoe(MegatronModule):
+    """Vision tower (`vision`) + language decoder (`language_model`)."""
+
+    def __init__(self, config: TransformerConfig, model: ModelConfig, vision_device: torch.device) -> None:
+        super().__init__(config=config)
+        self.model_config = model
+        self.vision = build_vision(model, vision_device)
+        self.language_model = LanguageModel(config, model)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Per-token cross-entropy `[batch, seq]` in fp32; zero where `batch.labels` is -100."""
+        mask = batch.labels != -100
+        loss = self._decode(batch, labels=torch.where(mask, batch.labels, 0))
+        return loss * mask
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Output logits `[batch, seq, vocab]`."""
+        return self._decode(batch, labels=None)
+
+    def _decode(self, batch: Batch, labels: torch.Tensor | None) -> torch.Tensor:
+        lm = self.language_model
+        embeds = lm.embedding(input_ids=batch.input_ids, position_ids=None)  # [seq, batch, hidden]
+        embeds, lm.deepstack = self._add_vision(batch, embeds)
+        try:
+            return lm(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                attention_mask=batch.cu_seqlens,
+                decoder_input=embeds,
+                labels=labels,
+            )
+        finally:
+            lm.deepstack = None
+
+    def _add_vision(self, batch: Batch, embeds: torch.Tensor):
+        dtype = next(self.vision.parameters()).dtype
+        if not batch.has_images:
+            v = self.model_config.vision
+            grid = torch.tensor([[1, 2, 2]], device=embeds.device)
+            pixels = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size**2, device=embeds.device)
+            out = self.vision(pixels.to(dtype), grid)
+            zero = out.pooler_output.sum() + sum(f.sum() for f in out.deepstack_features)
+            return embeds + 0.0 * zero.to(embeds.dtype), None
+        out = self.vision(batch.pixel_values.to(dtype), batch.image_grid_thw)
+        batch_index, seq_index = (batch.input_ids == self.model_config.image_token_id).nonzero(as_tuple=True)
+        embeds = embeds.index_put((seq_index, batch_index), out.pooler_output.to(embeds.dtype))
+        return embeds, ((batch_index, seq_index), list(out.deepstack_features))
+
+
+def apply_freezing(model: Qwen3VLMoe, config: ModelConfig) -> None:
+    """Turn off gradients of the parts the freeze switches name."""
+    for name, param in model.vision.named_parameters():
+        projection = name.startswith(PROJECTION_PREFIXES)
+        if (projection and config.freeze_vision_projection) or (not projection and config.freeze_vision_model):
+            param.requires_grad_(False)
+    if config.freeze_language_model:
+        model.language_model.requires_grad_(False)

@@ -1,0 +1,39 @@
+"""The vision tower: transformers' Qwen3-VL-MoE ViT (patch embedding, 2D RoPE blocks, patch merger, DeepStack
+mergers), with its per-image attention routed to the flash-attention varlen kernel on CUDA."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.varlen import varlen_attn
+from transformers import AttentionInterface
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeVisionConfig
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionBlock, Qwen3VLMoeVisionModel
+from vlm_fsdp.config.model import ModelConfig
+from vlm_fsdp.model.hf_config import hf_config_dict
+
+# transformers passes cumulative image lengths only to implementations whose name contains "flash"
+VARLEN_ATTENTION = "flash_varlen_torch"
+
+VisionBlock = Qwen3VLMoeVisionBlock
+
+
+def _varlen_attention(
+    module, query, key, value, attention_mask, *, scaling, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **_
+):
+    """Bidirectional attention inside each image: `[1, heads, tokens, dim]` in, `[1, tokens, heads, dim]` out."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+
+
+def build_vision(model: ModelConfig, device: torch.device) -> Qwen3VLMoeVisionModel:
+    """The vision tower of `model`, with random weights, on `device`."""
+    config = Qwen3VLMoeVisionConfig(**hf_config_dict(model)["vision_config"])
+    config._attn_implementation = VARLEN_ATTENTION if device.type == "cuda" else "sdpa"
+    dtype = torch.bfloat16 if model.bf16 else torch.float32
+    with torch.device(device):
+        tower = Qwen3VLMoeVisionModel._from_config(config, dtype=dtype)
+    return tower
