@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from datetime import UTC, datetime
 
 from vlm_fsdp.cli.common import add_config_arguments, config_from_args
-
-LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlm_fsdp.errors import UserError
 
-    config_from_args(args)  # report config mistakes before anything else
+    config = config_from_args(args)  # report config mistakes before anything else
     import torch
 
     if not torch.cuda.is_available():
@@ -57,33 +55,27 @@ def run(args: argparse.Namespace) -> int:
             + (f" --config-file {args.config_file}" if args.config_file else "")
             + "".join(f" {o}" for o in args.overrides)
         )
+    if not config.dist.use_megatron_fsdp:
+        raise UserError("dist.use_megatron_fsdp=false: this trainer runs with Megatron-FSDP only")
+    if config.train.output_dir is None:
+        # fixed here, before any rank starts, so that every rank writes to the same directory
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        args.overrides.append(f"train.output_dir=runs/{config.recipe}-{stamp}")
+        config = config_from_args(args)
     if (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         return launch(args)
-    raise UserError("the training loop is not part of this build yet")
+    from vlm_fsdp.train.loop import train
+
+    train(config, resume=args.resume)
+    return 0
 
 
 def launch(args: argparse.Namespace) -> int:
     """Re-run this command once per rank through torch.distributed.run (c10d rendezvous)."""
     from torch.distributed.run import main as torchrun
 
-    rest, skip = [], False
-    for word in sys.argv[sys.argv.index("train") + 1 :]:
-        if skip:
-            skip = False
-        elif word in LAUNCH_FLAGS:
-            skip = True
-        elif not word.startswith(tuple(f"{f}=" for f in LAUNCH_FLAGS)):
-            rest.append(word)
-    torchrun(
-        [
-            f"--nproc-per-node={args.nproc_per_node}",
-            f"--nnodes={args.nnodes}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={args.rdzv_endpoint}",
-            "-m",
-            "vlm_fsdp.cli.main",
-            "train",
-            *rest,
-        ]
-    )
+    child = ["--recipe", args.recipe, *(["--config-file", args.config_file] if args.config_file else []),
+             *(["--resume"] if args.resume else []), *args.overrides]  # fmt: skip
+    torchrun([f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint={args.rdzv_endpoint}", "-m", "vlm_fsdp.cli.main", "train", *child])  # fmt: skip
     return 0

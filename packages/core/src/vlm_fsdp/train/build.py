@@ -1,0 +1,94 @@
+"""Build the model on the meta device (or the GPU), wrap it with Megatron-FSDP, and build the optimizer.
+
+Order: model (meta device; the vision tower directly on the GPU) -> freeze switches -> Megatron-FSDP wrap
+through megatron-core's adapter with decoder layers and vision blocks as FSDP units (the wrap materialises meta
+parameters unit by unit and shards them) -> Megatron's distributed optimizer over the sharded fp32 main weights
+-> learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallelConfig, FullyShardedDataParallel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from vlm_fsdp.config.run import Config
+from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe, apply_freezing
+from vlm_fsdp.model.transformer_config import transformer_config
+from vlm_fsdp.model.vision import VisionBlock
+
+
+@dataclass
+class Trainable:
+    wrapped: FullyShardedDataParallel
+    model: Qwen3VLMoe
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def ddp_config(config: Config) -> DistributedDataParallelConfig:
+    d = config.ddp
+    return DistributedDataParallelConfig(
+        use_megatron_fsdp=True,
+        use_distributed_optimizer=bool(d.use_distributed_optimizer),
+        data_parallel_sharding_strategy=d.data_parallel_sharding_strategy,
+        outer_dp_sharding_strategy=d.outer_dp_sharding_strategy,
+        num_distributed_optimizer_instances=d.num_distributed_optimizer_instances,
+        overlap_grad_reduce=bool(d.overlap_grad_reduce),
+        overlap_param_gather=bool(d.overlap_param_gather),
+        grad_reduce_in_fp32=d.grad_reduce_in_fp32,
+        fsdp_double_buffer=d.fsdp_double_buffer,
+        nccl_ub=d.nccl_ub,
+        check_for_nan_in_grad=True,
+    )
+
+
+def build(config: Config, device: torch.device) -> Trainable:
+    m, o = config.model, config.optimizer
+    meta = bool(m.init_model_with_meta_device)
+    tc = transformer_config(m, on_meta_device=meta)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = Qwen3VLMoe(tc, m, vision_device=device)
+    apply_freezing(model, m)
+    wrapped = FullyShardedDataParallel(
+        config=tc,
+        ddp_config=ddp_config(config),
+        module=model,
+        fsdp_unit_modules=[TransformerLayer, VisionBlock],
+        device=device,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=m.bf16,
+            params_dtype=tc.params_dtype,
+            use_distributed_optimizer=True,
+        ),
+        [wrapped],
+    )
+    iters = config.train.train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=o.lr_decay_iters or iters,
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=iters,
+        wd_incr_style="constant",
+    )
+    return Trainable(wrapped=wrapped, model=model, optimizer=optimizer, scheduler=scheduler)

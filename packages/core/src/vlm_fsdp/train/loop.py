@@ -1,0 +1,177 @@
+"""The training run, top to bottom: set up, (re)start, step loop with gradient accumulation, validation,
+metrics and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from vlm_fsdp.checkpoint import training_state
+from vlm_fsdp.checkpoint.layout import latest_checkpoint, resolve_checkpoint
+from vlm_fsdp.config.load import to_yaml
+from vlm_fsdp.config.run import Config
+from vlm_fsdp.data.batch import Batch
+from vlm_fsdp.data.loader import build_loader
+from vlm_fsdp.errors import UserError
+from vlm_fsdp.plan.flops import training_flops
+from vlm_fsdp.provenance import provenance, write_run_record
+from vlm_fsdp.train.build import Trainable, build
+from vlm_fsdp.train.distributed import Dist, init_distributed, shutdown
+from vlm_fsdp.train.metrics import StepLogger, StepStats, peak_tflops
+
+
+def run_directories(config: Config) -> tuple[Path, Path]:
+    """(output directory, checkpoint save directory)."""
+    out = Path(config.train.output_dir)
+    return out, Path(config.checkpoint.save) if config.checkpoint.save else out / "checkpoints"
+
+
+def train(config: Config, *, resume: bool) -> list[StepStats]:
+    """Run `config` on this rank; returns the step statistics (on every rank)."""
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    dist = init_distributed(config)
+    try:
+        return _train(config, dist, resume=resume)
+    finally:
+        shutdown()
+
+
+def _train(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
+    out, save_dir = run_directories(config)
+    if dist.is_main:
+        write_run_record(out, config)
+        print(to_yaml(config), flush=True)
+    trainable = build(config, dist.device)
+    loader = build_loader(config, split="train", dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+    start = 0
+    if resume:
+        checkpoint = latest_checkpoint(save_dir)
+        if checkpoint is None:
+            raise UserError(f"--resume: no complete checkpoint under {save_dir}")
+        start, data_state = training_state.load(checkpoint, trainable, dist.rank)
+        loader.load_state_dict(data_state)
+        _say(dist, f"resumed from {checkpoint} at step {start}")
+    elif config.checkpoint.load:
+        checkpoint = resolve_checkpoint(Path(config.checkpoint.load))
+        training_state.load_model(checkpoint, trainable.wrapped)
+        _say(dist, f"loaded model weights from {checkpoint}")
+    elif config.model.hf_path:
+        from vlm_fsdp.checkpoint.hf_import import import_hf
+
+        checkpoint = import_hf(Path(config.model.hf_path), out / "hf_import", config.model, dist)
+        training_state.load_model(checkpoint, trainable.wrapped)
+        _say(dist, f"loaded Hugging Face weights from {config.model.hf_path}")
+
+    logger = StepLogger(
+        enabled=dist.is_main,
+        tensorboard_dir=Path(config.logger.tensorboard_dir or out / "tensorboard"),
+        wandb_project=config.logger.wandb_project,
+        wandb_name=config.logger.wandb_exp_name or out.name,
+        wandb_mode=config.logger.wandb_mode,
+        config={"config": to_yaml(config)},
+    )
+    record = to_yaml(config) + "provenance:\n" + "".join(f"  {k}: {v!r}\n" for k, v in provenance().items())
+    history = []
+    peak = peak_tflops(dist.device)
+    microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
+    try:
+        for step in range(start + 1, config.train.train_iters + 1):
+            stats = train_step(config, trainable, loader, dist, step, microbatches, peak)
+            history.append(stats)
+            if step % config.logger.log_interval == 0 or step == config.train.train_iters:
+                logger.step(stats)
+            if config.train.eval_interval and step % config.train.eval_interval == 0:
+                logger.validation(step, evaluate(config, trainable, dist))
+            interval = config.checkpoint.save_interval
+            if (interval and step % interval == 0) or step == config.train.train_iters:
+                path = training_state.save(save_dir=save_dir, step=step, trainable=trainable,
+                                           loader_state=loader.state_dict(), run_record=record,
+                                           keep=config.checkpoint.most_recent_k, rank=dist.rank)  # fmt: skip
+                _say(dist, f"saved checkpoint {path}")
+    finally:
+        logger.close()
+        loader.close()
+    return history
+
+
+def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, microbatches: int, peak) -> StepStats:
+    torch.cuda.reset_peak_memory_stats(dist.device)
+    start = time.perf_counter()
+    skipped_before = sum(loader.stats.skipped.values())
+    batches = [next(loader).to(dist.device) for _ in range(microbatches)]
+    data_wait = time.perf_counter() - start
+
+    local = torch.tensor(
+        [sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches),
+         sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches)],
+        dtype=torch.float64, device=dist.device,
+    )  # fmt: skip
+    totals = local.clone()
+    torch.distributed.all_reduce(totals)
+    loss_tokens, tokens, flops = totals.tolist()
+
+    t.wrapped.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    loss_sum = torch.zeros((), device=dist.device, dtype=torch.float32)
+    per_token = config.model.calculate_per_token_loss
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last else t.wrapped.no_sync():
+            token_losses = t.wrapped(batch)
+            summed = token_losses.sum()
+            if per_token:
+                loss = summed / max(loss_tokens, 1.0)
+            else:
+                loss = summed / max(batch.num_loss_tokens, 1) / len(batches)
+            loss.backward()
+            loss_sum += summed.detach()
+    t.wrapped.finish_grad_sync()
+    _, grad_norm, _ = t.optimizer.step()
+    t.scheduler.step(increment=1)
+    torch.distributed.all_reduce(loss_sum)
+    loss_value = loss_sum.item() / max(loss_tokens, 1.0)
+    elapsed = time.perf_counter() - start
+    tflops = flops / elapsed / dist.world_size / 1e12
+    return StepStats(
+        step=step,
+        loss=loss_value,
+        grad_norm=float(grad_norm or 0.0),
+        lr=t.optimizer.param_groups[0]["lr"],
+        tokens_per_s=tokens / elapsed,
+        tflops_per_gpu=tflops,
+        mfu=tflops / peak if peak else None,
+        peak_memory_gib=torch.cuda.max_memory_allocated(dist.device) / 2**30,
+        data_wait_share=data_wait / elapsed,
+        step_time_s=elapsed,
+        skipped_images=sum(loader.stats.skipped.values()) - skipped_before,
+    )
+
+
+@torch.no_grad()
+def evaluate(config: Config, t: Trainable, dist: Dist) -> float:
+    """Mean per-token validation loss over `train.eval_iters` microbatches per rank."""
+    loader = build_loader(config, split="val", dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    t.wrapped.eval()
+    try:
+        for index, batch in enumerate(loader):
+            if index == config.train.eval_iters:
+                break
+            batch: Batch = batch.to(dist.device)
+            totals[0] += t.wrapped(batch).sum().double()
+            totals[1] += batch.num_loss_tokens
+    finally:
+        loader.close()
+        t.wrapped.train()
+    torch.distributed.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _say(dist: Dist, message: str) -> None:
+    if dist.is_main:
+        print(message, flush=True)

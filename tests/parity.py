@@ -1,0 +1,71 @@
+"""Shared by the CPU and GPU parity tests: our model and transformers' model with the same weights, compared
+packed sample by packed sample on a real batch of the bundled data."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+from vlm_fsdp.config.run import Config
+from vlm_fsdp.data.batch import Batch
+from vlm_fsdp.model.hf_config import hf_config_dict
+from vlm_fsdp.model.hf_mapping import mapping
+from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
+from vlm_fsdp.model.transformer_config import transformer_config
+
+
+def build_pair(config: Config, device: torch.device) -> tuple[Qwen3VLMoe, Qwen3VLMoeForConditionalGeneration]:
+    """Our model and a random transformers model of the same architecture, our weights copied from it."""
+    dtype = torch.bfloat16 if config.model.bf16 else torch.float32
+    torch.manual_seed(0)
+    hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**hf_config_dict(config.model)))
+    hf = hf.to(device=device, dtype=dtype).eval()
+    ours = Qwen3VLMoe(transformer_config(config.model, on_meta_device=False), config.model, device).to(device)
+    ours.eval()
+    hf_state, params = hf.state_dict(), dict(ours.named_parameters())
+    with torch.no_grad():
+        for entry in mapping(config.model):
+            params.pop(entry.ours).copy_(entry.to_ours([hf_state[n] for n in entry.hf], config.model))
+    assert not params, f"parameters without a Hugging Face counterpart: {sorted(params)}"
+    return ours, hf
+
+
+@torch.no_grad()
+def compare(ours: Qwen3VLMoe, hf, batch: Batch, config: Config) -> list[dict]:
+    """Per packed sample: max and mean |logit difference| and both losses over its target tokens."""
+    m = config.model
+    logits = ours.logits(batch).float()
+    token_loss = ours(batch).float()
+    rows = []
+    seq = batch.input_ids.shape[1]
+    bounds = batch.cu_seqlens.tolist()
+    image, patch = 0, 0
+    for start, end in itertools.pairwise(bounds):
+        row, first = divmod(start, seq)
+        last = first + end - start
+        ids = batch.input_ids[row : row + 1, first:last]
+        images = int((ids == m.vision_start_token_id).sum())
+        grids = batch.image_grid_thw[image : image + images]
+        patches = int(grids.prod(-1).sum()) if images else 0
+        labels = batch.labels[row, first:last]
+        image, patch = image + images, patch + patches
+        if (labels == -100).all():
+            continue  # padding
+        extra = {}
+        if images:
+            extra = dict(pixel_values=batch.pixel_values[patch - patches : patch], image_grid_thw=grids,
+                         mm_token_type_ids=(ids == m.image_token_id).long())  # fmt: skip
+        reference = hf(input_ids=ids, **extra).logits[0].float()
+        ours_logits = logits[row, first:last]
+        target = labels != -100
+        hf_loss = torch.nn.functional.cross_entropy(reference[target], labels[target])
+        rows.append({
+            "tokens": end - start,
+            "images": images,
+            "max_abs_logit_diff": (reference - ours_logits).abs().max().item(),
+            "mean_abs_logit_diff": (reference - ours_logits).abs().mean().item(),
+            "hf_loss": hf_loss.item(),
+            "our_loss": (token_loss[row, first:last].sum() / target.sum()).item(),
+        })  # fmt: skip
+    return rows
