@@ -32,8 +32,10 @@ AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
 def build_vision(model: ModelConfig, device: torch.device) -> Qwen3VLMoeVisionModel:
     """The vision tower of `model`, with random weights, on `device`."""
     config = Qwen3VLMoeVisionConfig(**hf_config_dict(model)["vision_config"])
-    config._attn_implementation = VARLEN_ATTENTION if device.type == "cuda" else "sdpa"
     dtype = torch.bfloat16 if model.bf16 else torch.float32
     with torch.device(device):
-        tower = Qwen3VLMoeVisionModel._from_config(config, dtype=dtype)
+        tower = Qwen3VLMoeVisionModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if device.type == "cuda":
+        # set after construction: transformers would try to load a flash-attention package for a "flash" name
+        tower.config._attn_implementation = VARLEN_ATTENTION
     return tower

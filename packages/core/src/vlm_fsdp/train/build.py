@@ -76,6 +76,7 @@ def build(config: Config, device: torch.device) -> Trainable:
             use_distributed_optimizer=True,
         ),
         [wrapped],
+        use_gloo_process_groups=False,
     )
     iters = config.train.train_iters
     scheduler = OptimizerParamScheduler(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,17 +31,17 @@ class Dist:
 
 def init_distributed(config: Config) -> Dist:
     """Start the process group of this rank (a single process needs no launcher) and Megatron's groups."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
+        # under torch.distributed.run the environment names the rendezvous; alone, this process is world 1
+        alone = {} if "WORLD_SIZE" in os.environ else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0,
+                                                       "world_size": 1}  # fmt: skip
         torch.distributed.init_process_group(
             "nccl" if cuda else "gloo",
+            **alone,
             timeout=timedelta(minutes=config.dist.distributed_timeout_minutes),
             device_id=torch.device("cuda", local_rank) if cuda else None,
         )
@@ -63,6 +64,12 @@ def init_distributed(config: Config) -> Dist:
         dp_size=parallel_state.get_data_parallel_world_size(),
         device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:
