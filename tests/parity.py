@@ -54,18 +54,23 @@ def compare(ours: Qwen3VLMoe, hf, batch: Batch, config: Config) -> list[dict]:
             continue  # padding
         extra = {}
         if images:
-            extra = dict(pixel_values=batch.pixel_values[patch - patches : patch], image_grid_thw=grids,
-                         mm_token_type_ids=(ids == m.image_token_id).long())  # fmt: skip
+            extra = dict(
+                pixel_values=batch.pixel_values[patch - patches : patch],
+                image_grid_thw=grids,
+                mm_token_type_ids=(ids == m.image_token_id).long(),
+            )
         reference = hf(input_ids=ids, **extra).logits[0].float()
         ours_logits = logits[row, first:last]
         target = labels != -100
         hf_loss = torch.nn.functional.cross_entropy(reference[target], labels[target])
-        rows.append({
-            "tokens": end - start,
-            "images": images,
-            "max_abs_logit_diff": (reference - ours_logits).abs().max().item(),
-            "mean_abs_logit_diff": (reference - ours_logits).abs().mean().item(),
-            "hf_loss": hf_loss.item(),
-            "our_loss": (token_loss[row, first:last].sum() / target.sum()).item(),
-        })  # fmt: skip
+        rows.append(
+            {
+                "tokens": end - start,
+                "images": images,
+                "max_abs_logit_diff": (reference - ours_logits).abs().max().item(),
+                "mean_abs_logit_diff": (reference - ours_logits).abs().mean().item(),
+                "hf_loss": hf_loss.item(),
+                "our_loss": (token_loss[row, first:last].sum() / target.sum()).item(),
+            }
+        )
     return rows

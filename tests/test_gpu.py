@@ -72,8 +72,14 @@ def test_hugging_face_weights_load_into_the_sharded_model(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = ["train.train_iters=6", "checkpoint.save_interval=3", "checkpoint.most_recent_k=5",
-              "train.deterministic=true", "train.eval_interval=3", "train.eval_iters=2"]  # fmt: skip
+    common = [
+        "train.train_iters=6",
+        "checkpoint.save_interval=3",
+        "checkpoint.most_recent_k=5",
+        "train.deterministic=true",
+        "train.eval_interval=3",
+        "train.eval_iters=2",
+    ]
     full = train(load_config("tiny", overrides=[*common, f"train.output_dir={tmp_path / 'full'}"]), resume=False)
     saved = tmp_path / "full" / "checkpoints" / "iter_0000003"
     assert latest_checkpoint(tmp_path / "full" / "checkpoints").name == "iter_0000006"
@@ -93,8 +99,13 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 def test_default_run_learns_and_writes_a_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "vlm_fsdp.cli.main", "train", f"train.output_dir={tmp_path}"],
-                            capture_output=True, text=True, env=env, timeout=540)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm_fsdp.cli.main", "train", f"train.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=540,
+    )
     print(result.stdout[-6000:], result.stderr[-3000:])
     assert result.returncode == 0
     losses = [float(x) for x in re.findall(r"^step\s+\d+\s+loss\s+([\d.]+)", result.stdout, re.M)]

@@ -14,9 +14,15 @@ from .parity import build_pair, compare
 
 @pytest.fixture(scope="module")
 def config():
-    config = load_config("tiny", overrides=[
-        "model.bf16=false", "model.moe_token_dispatcher_type=allgather", "model.init_model_with_meta_device=false",
-        "data.num_workers=0"])  # fmt: skip
+    config = load_config(
+        "tiny",
+        overrides=[
+            "model.bf16=false",
+            "model.moe_token_dispatcher_type=allgather",
+            "model.init_model_with_meta_device=false",
+            "data.num_workers=0",
+        ],
+    )
     init_distributed(config)
     yield config
     shutdown()

@@ -1,0 +1,1 @@
+"""Checkpoint conversion and inspection: Hugging Face safetensors <-> fsdp_dtensor, and `vlm-fsdp inspect`."""

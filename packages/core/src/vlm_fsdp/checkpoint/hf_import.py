@@ -22,6 +22,7 @@ from vlm_fsdp.checkpoint.layout import PARTIAL, RUN_RECORD, finalize, is_complet
 from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.config.overrides import to_dict
 from vlm_fsdp.errors import UserError
+from vlm_fsdp.model.hf_config import architecture_mismatches
 from vlm_fsdp.model.hf_mapping import Entry, mapping
 
 
@@ -51,8 +52,9 @@ class HfCheckpoint:
 
     def _handle(self, name: str):
         if name not in self.handles:
-            raise UserError(f"the Hugging Face checkpoint has no tensor {name}: is it a Qwen3-VL-MoE model of this "
-                            "architecture?")  # fmt: skip
+            raise UserError(
+                f"the Hugging Face checkpoint has no tensor {name}: is it a Qwen3-VL-MoE model of this architecture?"
+            )
         return self.handles[name]
 
 
@@ -77,8 +79,18 @@ def _entries(model: ModelConfig, hf: HfCheckpoint) -> Iterator[tuple[Entry, torc
         yield entry, entry.to_ours([hf.meta(n) for n in entry.hf], model)
 
 
-def write_model_checkpoint(hf_dir: Path, out: Path, model: ModelConfig, *, progress: bool = True) -> Path:
+def write_model_checkpoint(
+    hf_dir: Path, out: Path, model: ModelConfig, *, progress: bool = True, point_latest: bool = True
+) -> Path:
     """Convert `hf_dir` into a model-only checkpoint at `out` (written under `.partial`, renamed when done)."""
+    config_json = hf_dir / "config.json"
+    if not config_json.is_file():
+        raise UserError(f"{hf_dir} has no config.json: expected a Hugging Face Qwen3-VL-MoE model directory")
+    mismatches = architecture_mismatches(model, json.loads(config_json.read_text()))
+    if mismatches:
+        raise UserError(
+            f"{hf_dir} holds another architecture than the config (ours != theirs):\n  " + "\n  ".join(mismatches)
+        )
     partial = out.with_name(out.name + PARTIAL)
     with ExitStack() as stack:
         hf = HfCheckpoint(hf_dir, stack)
@@ -92,10 +104,15 @@ def write_model_checkpoint(hf_dir: Path, out: Path, model: ModelConfig, *, progr
             producers[f"model.{entry.ours}"] = produce
         bar = tqdm(total=len(producers), desc="convert", unit="tensor", disable=not progress)
         with bar:
-            dcp.save({"model": state}, storage_writer=FileSystemWriter(partial, thread_count=1),
-                     planner=_StreamingPlanner(producers, bar), no_dist=True)  # fmt: skip
-    (partial / RUN_RECORD).write_text(yaml.safe_dump({"model": to_dict(model), "source": str(hf_dir)}))
-    finalize(partial, out)
+            dcp.save(
+                {"model": state},
+                storage_writer=FileSystemWriter(partial, thread_count=1),
+                planner=_StreamingPlanner(producers, bar),
+                no_dist=True,
+            )
+    record = {"model": to_dict(model), "source": {"hf_path": str(hf_dir.resolve())}}
+    (partial / RUN_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
+    finalize(partial, out, point_latest=point_latest)
     return out
 
 

@@ -31,11 +31,13 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and not path.name.endswith(PARTIAL) and (path / METADATA).is_file()
 
 
-def finalize(partial: Path, final: Path) -> None:
+def finalize(partial: Path, final: Path, *, point_latest: bool = True) -> None:
     """Make a fully written checkpoint visible: rename it, then point `latest` at it (main rank only)."""
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
+    if not point_latest:
+        return
     tmp = final.parent / "latest.tmp"
     tmp.write_text(final.name + "\n")
     os.replace(tmp, final.parent / "latest")
@@ -64,8 +66,10 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
-        raise UserError(f"no complete checkpoint at {path} (a directory with {METADATA}, or a save directory "
-                        "holding iter_* checkpoints)")  # fmt: skip
+        raise UserError(
+            f"no complete checkpoint at {path} (a directory with {METADATA}, or a save directory "
+            "holding iter_* checkpoints)"
+        )
     return latest
 
 

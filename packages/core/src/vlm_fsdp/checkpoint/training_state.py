@@ -89,8 +89,10 @@ def load_model(path: Path, wrapped) -> None:
     state = model_state(wrapped)
     missing = sorted(f"model.{k}" for k in state if f"model.{k}" not in checkpoint_keys(path))
     if missing:
-        raise UserError(f"checkpoint {path} lacks {len(missing)} model tensors, e.g. {missing[:3]}: it was written "
-                        "for another architecture (compare with `vlm-fsdp inspect`)")  # fmt: skip
+        raise UserError(
+            f"checkpoint {path} lacks {len(missing)} model tensors, e.g. {missing[:3]}: it was written "
+            "for another architecture (compare with `vlm-fsdp inspect`)"
+        )
     dcp.load({"model": state}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
     _install(wrapped, state)
 
@@ -99,8 +101,10 @@ def load(path: Path, trainable, rank: int) -> tuple[int, dict]:
     """Restore a full training state; returns (step, loader state)."""
     keys = checkpoint_keys(path)
     if "step" not in keys:
-        raise UserError(f"{path} holds model weights only (no optimizer or step): start from it with "
-                        f"checkpoint.load={path} instead of --resume")  # fmt: skip
+        raise UserError(
+            f"{path} holds model weights only (no optimizer or step): start from it with "
+            f"checkpoint.load={path} instead of --resume"
+        )
     model = model_state(trainable.wrapped)
     state = {
         "model": model,

@@ -74,8 +74,23 @@ def launch(args: argparse.Namespace) -> int:
     """Re-run this command once per rank through torch.distributed.run (c10d rendezvous)."""
     from torch.distributed.run import main as torchrun
 
-    child = ["--recipe", args.recipe, *(["--config-file", args.config_file] if args.config_file else []),
-             *(["--resume"] if args.resume else []), *args.overrides]  # fmt: skip
-    torchrun([f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
-              f"--rdzv-endpoint={args.rdzv_endpoint}", "-m", "vlm_fsdp.cli.main", "train", *child])  # fmt: skip
+    child = [
+        "--recipe",
+        args.recipe,
+        *(["--config-file", args.config_file] if args.config_file else []),
+        *(["--resume"] if args.resume else []),
+        *args.overrides,
+    ]
+    torchrun(
+        [
+            f"--nproc-per-node={args.nproc_per_node}",
+            f"--nnodes={args.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv_endpoint}",
+            "-m",
+            "vlm_fsdp.cli.main",
+            "train",
+            *child,
+        ]
+    )
     return 0

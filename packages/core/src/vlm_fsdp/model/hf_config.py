@@ -62,3 +62,59 @@ def hf_config_dict(model: ModelConfig) -> dict[str, Any]:
             "hidden_act": v.hidden_act,
         },
     }
+
+
+VISION_KEYS = (
+    "depth",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "in_channels",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "num_position_embeddings",
+    "deepstack_visual_indexes",
+    "hidden_act",
+)
+
+
+def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """The architecture fields of `ModelConfig` (as a `model:` mapping) that a Hugging Face config.json fixes."""
+    text, vision = hf["text_config"], hf["vision_config"]
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    return {
+        "vocab_size": text["vocab_size"],
+        "hidden_size": text["hidden_size"],
+        "ffn_hidden_size": text["intermediate_size"],
+        "num_layers": text["num_hidden_layers"],
+        "num_attention_heads": text["num_attention_heads"],
+        "num_query_groups": text["num_key_value_heads"],
+        "kv_channels": text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
+        "max_position_embeddings": text["max_position_embeddings"],
+        "norm_epsilon": text["rms_norm_eps"],
+        "moe_ffn_hidden_size": text["moe_intermediate_size"],
+        "num_moe_experts": text["num_experts"] if "num_experts" in text else text["num_local_experts"],
+        "moe_router_topk": text["num_experts_per_tok"],
+        "rotary_base": float(rope.get("rope_theta", text.get("rope_theta", 5_000_000.0))),
+        "mrope_section": list(rope.get("mrope_section", [24, 20, 20])),
+        "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", False),
+        "image_token_id": hf["image_token_id"],
+        "video_token_id": hf["video_token_id"],
+        "vision_start_token_id": hf["vision_start_token_id"],
+        "vision_end_token_id": hf["vision_end_token_id"],
+        "vision": {key: vision[key] for key in VISION_KEYS},
+    }
+
+
+def architecture_mismatches(model: ModelConfig, hf: dict[str, Any]) -> list[str]:
+    """`model.key: ours != theirs` for every architecture field where `model` differs from a config.json."""
+    ours = hf_config_dict(model)
+    found = []
+    for key, theirs in model_fields_from_hf(hf).items():
+        mine = model_fields_from_hf(ours)[key]
+        if key == "vision":
+            found += [f"model.vision.{k}: {mine[k]!r} != {v!r}" for k, v in theirs.items() if mine[k] != v]
+        elif mine != theirs:
+            found.append(f"model.{key}: {mine!r} != {theirs!r}")
+    return found

@@ -45,22 +45,32 @@ def vision_param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     for b in range(v.depth):
         for name, shape in {
-            "norm1.weight": (h,), "norm1.bias": (h,), "norm2.weight": (h,), "norm2.bias": (h,),
-            "attn.qkv.weight": (3 * h, h), "attn.qkv.bias": (3 * h,),
-            "attn.proj.weight": (h, h), "attn.proj.bias": (h,),
-            "mlp.linear_fc1.weight": (i, h), "mlp.linear_fc1.bias": (i,),
-            "mlp.linear_fc2.weight": (h, i), "mlp.linear_fc2.bias": (h,),
-        }.items():  # fmt: skip
+            "norm1.weight": (h,),
+            "norm1.bias": (h,),
+            "norm2.weight": (h,),
+            "norm2.bias": (h,),
+            "attn.qkv.weight": (3 * h, h),
+            "attn.qkv.bias": (3 * h,),
+            "attn.proj.weight": (h, h),
+            "attn.proj.bias": (h,),
+            "mlp.linear_fc1.weight": (i, h),
+            "mlp.linear_fc1.bias": (i,),
+            "mlp.linear_fc2.weight": (h, i),
+            "mlp.linear_fc2.bias": (h,),
+        }.items():
             shapes[f"blocks.{b}.{name}"] = shape
     mergers = [("merger.", h)] + [
         (f"deepstack_merger_list.{j}.", merged) for j in range(len(v.deepstack_visual_indexes))
     ]
     for prefix, norm in mergers:
         shapes |= {
-            f"{prefix}norm.weight": (norm,), f"{prefix}norm.bias": (norm,),
-            f"{prefix}linear_fc1.weight": (merged, merged), f"{prefix}linear_fc1.bias": (merged,),
-            f"{prefix}linear_fc2.weight": (m.hidden_size, merged), f"{prefix}linear_fc2.bias": (m.hidden_size,),
-        }  # fmt: skip
+            f"{prefix}norm.weight": (norm,),
+            f"{prefix}norm.bias": (norm,),
+            f"{prefix}linear_fc1.weight": (merged, merged),
+            f"{prefix}linear_fc1.bias": (merged,),
+            f"{prefix}linear_fc2.weight": (m.hidden_size, merged),
+            f"{prefix}linear_fc2.bias": (m.hidden_size,),
+        }
     return shapes
 
 

@@ -37,8 +37,11 @@ def init_distributed(config: Config) -> Dist:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         # under torch.distributed.run the environment names the rendezvous; alone, this process is world 1
-        alone = {} if "WORLD_SIZE" in os.environ else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0,
-                                                       "world_size": 1}  # fmt: skip
+        alone = (
+            {}
+            if "WORLD_SIZE" in os.environ
+            else {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
+        )
         torch.distributed.init_process_group(
             "nccl" if cuda else "gloo",
             **alone,

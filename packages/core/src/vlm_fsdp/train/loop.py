@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from vlm_fsdp.checkpoint import training_state
 from vlm_fsdp.checkpoint.layout import latest_checkpoint, resolve_checkpoint
 from vlm_fsdp.config.load import to_yaml
+from vlm_fsdp.config.overrides import to_dict
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.data.loader import build_loader
@@ -75,7 +77,7 @@ def _train(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
         wandb_mode=config.logger.wandb_mode,
         config={"config": to_yaml(config)},
     )
-    record = to_yaml(config) + "provenance:\n" + "".join(f"  {k}: {v!r}\n" for k, v in provenance().items())
+    record = yaml.safe_dump(to_dict(config) | {"provenance": provenance()}, sort_keys=False)
     history = []
     peak = peak_tflops(dist.device)
     microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
@@ -89,9 +91,15 @@ def _train(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
                 logger.validation(step, evaluate(config, trainable, dist))
             interval = config.checkpoint.save_interval
             if (interval and step % interval == 0) or step == config.train.train_iters:
-                path = training_state.save(save_dir=save_dir, step=step, trainable=trainable,
-                                           loader_state=loader.state_dict(), run_record=record,
-                                           keep=config.checkpoint.most_recent_k, rank=dist.rank)  # fmt: skip
+                path = training_state.save(
+                    save_dir=save_dir,
+                    step=step,
+                    trainable=trainable,
+                    loader_state=loader.state_dict(),
+                    run_record=record,
+                    keep=config.checkpoint.most_recent_k,
+                    rank=dist.rank,
+                )
                 _say(dist, f"saved checkpoint {path}")
     finally:
         logger.close()
@@ -107,10 +115,14 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
     data_wait = time.perf_counter() - start
 
     local = torch.tensor(
-        [sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches),
-         sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches)],
-        dtype=torch.float64, device=dist.device,
-    )  # fmt: skip
+        [
+            sum(b.num_loss_tokens for b in batches),
+            sum(b.num_tokens for b in batches),
+            sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches),
+        ],
+        dtype=torch.float64,
+        device=dist.device,
+    )
     totals = local.clone()
     torch.distributed.all_reduce(totals)
     loss_tokens, tokens, flops = totals.tolist()

@@ -13,8 +13,17 @@ from pathlib import Path
 import torch
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name; MFU is reported against it.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "GB200": 2500.0,
-                    "B300": 2250.0, "A100": 312.0, "L40S": 362.0}  # fmt: skip
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "GB200": 2500.0,
+    "B300": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+}
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -52,8 +61,16 @@ class StepStats:
 class StepLogger:
     """Writes step and validation figures; only the main rank writes."""
 
-    def __init__(self, *, enabled: bool, tensorboard_dir: Path, wandb_project: str | None, wandb_name: str,
-                 wandb_mode: str, config: dict) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        tensorboard_dir: Path,
+        wandb_project: str | None,
+        wandb_name: str,
+        wandb_mode: str,
+        config: dict,
+    ) -> None:
         self.enabled = enabled
         self.tensorboard = None
         self.wandb = None

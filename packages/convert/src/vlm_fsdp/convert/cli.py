@@ -1,0 +1,103 @@
+"""The `convert` and `inspect` subcommands (registered through the `vlm_fsdp.cli` entry-point group)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register_convert(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert checkpoints between Hugging Face and fsdp_dtensor formats (CPU)",
+        description="Convert model weights between a Hugging Face Qwen3-VL-MoE directory and an fsdp_dtensor "
+        "checkpoint, on the CPU. Run `vlm-fsdp convert FORMAT --help` for each direction.",
+    )
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+
+    to_fsdp = sub.add_parser(
+        "hf-to-fsdp",
+        help="Hugging Face safetensors -> fsdp_dtensor checkpoint",
+        description="Stream a local Hugging Face Qwen3-VL-MoE directory (safetensors + config.json) into a "
+        "model-only fsdp_dtensor checkpoint that training starts from with checkpoint.load=OUT. Peak memory is "
+        "one tensor group (one layer's experts or q/k/v), not the model.",
+    )
+    to_fsdp.add_argument("--hf", required=True, type=Path, metavar="DIR", help="Hugging Face model directory")
+    to_fsdp.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoint directory to create")
+    to_fsdp.add_argument(
+        "--recipe",
+        help="check the weights against this recipe's architecture (default: take the architecture from config.json)",
+    )
+    to_fsdp.set_defaults(func=hf_to_fsdp)
+
+    to_hf = sub.add_parser(
+        "fsdp-to-hf",
+        help="fsdp_dtensor checkpoint -> Hugging Face safetensors",
+        description="Write the model of an fsdp_dtensor checkpoint (written by any number of ranks; a save "
+        "directory means its latest complete checkpoint) as safetensors shards with an index and config.json, "
+        "plus the tokenizer and processor files the run used, for transformers' from_pretrained.",
+    )
+    to_hf.add_argument("--ckpt", required=True, type=Path, metavar="DIR", help="checkpoint or save directory")
+    to_hf.add_argument("--out", required=True, type=Path, metavar="DIR", help="new Hugging Face directory")
+    to_hf.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="dtype of the written tensors (default: bfloat16)",
+    )
+    to_hf.set_defaults(func=fsdp_to_hf)
+
+
+def register_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="describe a checkpoint and check that it is complete",
+        description="Print a checkpoint's format, step, every tensor (name, shape, dtype, how it is split), "
+        "provenance and config. An incomplete or corrupt checkpoint is reported with what is missing; the exit "
+        "status is then 1.",
+    )
+    parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="checkpoint directory or save directory")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.set_defaults(func=inspect)
+
+
+def hf_to_fsdp(args: argparse.Namespace) -> int:
+    from vlm_fsdp.checkpoint.hf_import import write_model_checkpoint
+    from vlm_fsdp.config.load import load_config
+    from vlm_fsdp.config.overrides import apply_mapping
+    from vlm_fsdp.config.run import Config
+    from vlm_fsdp.errors import UserError
+    from vlm_fsdp.model.hf_config import model_fields_from_hf
+
+    config_json = args.hf / "config.json"
+    if not config_json.is_file():
+        raise UserError(f"{args.hf} has no config.json: expected a Hugging Face Qwen3-VL-MoE model directory")
+    if args.recipe:
+        model = load_config(args.recipe).model
+    else:
+        config = Config()
+        apply_mapping(config, {"model": model_fields_from_hf(json.loads(config_json.read_text()))})
+        model = config.model
+    if args.out.exists():
+        raise UserError(f"{args.out} already exists; choose a new output directory")
+    write_model_checkpoint(args.hf, args.out, model, point_latest=False)
+    print(f"wrote {args.out} (start training from it with checkpoint.load={args.out})")
+    return 0
+
+
+def fsdp_to_hf(args: argparse.Namespace) -> int:
+    import torch
+    from vlm_fsdp.convert.fsdp_to_hf import export_hf
+
+    out = export_hf(args.ckpt, args.out, dtype=getattr(torch, args.dtype))
+    print(f"wrote {out} (load it with transformers' Qwen3VLMoeForConditionalGeneration.from_pretrained)")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from vlm_fsdp.convert.inspect_checkpoint import inspect_checkpoint, render
+
+    report = inspect_checkpoint(args.checkpoint)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 1 if report["problems"] else 0
