@@ -18,11 +18,24 @@ from vlm_fsdp.config import load_config
 from vlm_fsdp.model.hf_config import hf_config_dict
 
 # our own shape: odd widths, one key/value head, six experts, three DeepStack-fed vision blocks
-ODD = ["model.hidden_size=200", "model.num_attention_heads=5", "model.num_query_groups=1", "model.kv_channels=40",
-       "model.mrope_section=[8, 6, 6]", "model.num_moe_experts=6", "model.moe_ffn_hidden_size=56",
-       "model.moe_router_topk=2", "model.num_layers=3", "model.ffn_hidden_size=300", "model.vision.depth=3",
-       "model.vision.hidden_size=72", "model.vision.num_heads=3", "model.vision.intermediate_size=100",
-       "model.vision.deepstack_visual_indexes=[0, 2]", "model.vision.num_position_embeddings=256"]  # fmt: skip
+ODD = [
+    "model.hidden_size=200",
+    "model.num_attention_heads=5",
+    "model.num_query_groups=1",
+    "model.kv_channels=40",
+    "model.mrope_section=[8, 6, 6]",
+    "model.num_moe_experts=6",
+    "model.moe_ffn_hidden_size=56",
+    "model.moe_router_topk=2",
+    "model.num_layers=3",
+    "model.ffn_hidden_size=300",
+    "model.vision.depth=3",
+    "model.vision.hidden_size=72",
+    "model.vision.num_heads=3",
+    "model.vision.intermediate_size=100",
+    "model.vision.deepstack_visual_indexes=[0, 2]",
+    "model.vision.num_position_embeddings=256",
+]
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -74,8 +87,11 @@ def _reshard_on_two_ranks(rank: int, source: str, target: str, port: int) -> Non
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     metadata = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
-    full = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=torch.float32)
-            for k, m in metadata.items() if isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    full = {
+        k.removeprefix("model."): torch.empty(tuple(m.size), dtype=torch.float32)
+        for k, m in metadata.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
     dcp.load({"model": full}, checkpoint_id=source)
     mesh = init_device_mesh("cpu", (2,))
     sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
@@ -135,3 +151,54 @@ def test_inspect_lists_tensors_and_reports_a_truncated_checkpoint(checkpoint, tm
     assert main(["inspect", str(tmp_path / "save")]) == 1
     out = capsys.readouterr().out
     assert "interrupted saves (never loaded): iter_0000009.partial" in out and "no complete checkpoint" in out
+
+
+def test_torch_dist_checkpoint_converts_layer_by_layer(tmp_path):
+    from tests.data.make_torch_dist import OUT as TORCH_DIST
+    from tests.data.make_torch_dist import OVERRIDES
+
+    model = load_config("tiny", overrides=[*ODD, *OVERRIDES]).model
+    hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**hf_config_dict(model))).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "converted"
+    args = [
+        "convert",
+        "torch-dist-to-fsdp",
+        "--ckpt",
+        str(TORCH_DIST),
+        "--hf",
+        str(tmp_path / "hf"),
+        "--out",
+        str(out),
+        *ODD,
+        *OVERRIDES,
+    ]
+    assert main(args) == 0
+
+    source = dcp.FileSystemReader(TORCH_DIST).read_metadata().state_dict_metadata
+    stacked = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in source.items()
+        if hasattr(m, "size") and not k.endswith("_extra_state")
+    }
+    dcp.load(stacked, checkpoint_id=TORCH_DIST, no_dist=True)
+    converted_md = dcp.FileSystemReader(out).read_metadata().state_dict_metadata
+    converted = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in converted_md.items()}
+    dcp.load(converted, checkpoint_id=out, no_dist=True)
+    layers = "model.language_model.decoder.layers"
+    assert torch.equal(
+        converted[f"{layers}.2.input_layernorm.weight"],
+        stacked["decoder.layers.self_attention.linear_qkv.layer_norm_weight"][2],
+    )
+    assert torch.equal(
+        converted[f"{layers}.1.mlp.experts.gate_up_proj"],
+        stacked["decoder.layers.mlp.experts.experts.linear_fc1.weight"][1],
+    )
+    assert torch.equal(
+        converted[f"{layers}.0.pre_mlp_layernorm.weight"], stacked["decoder.layers.mlp.linear_fc1.layer_norm_weight"][0]
+    )
+    assert torch.equal(converted["model.language_model.output_layer.weight"], stacked["output_layer.weight"])
+    visual = hf.state_dict()["model.visual.blocks.1.attn.qkv.weight"]
+    assert torch.equal(converted["model.vision.blocks.1.attn.qkv.weight"], visual)
+    assert main(["convert", "fsdp-to-hf", "--ckpt", str(out), "--out", str(tmp_path / "back")]) == 0
+    Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "back")

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from vlm_fsdp.cli.common import add_config_arguments
+
 
 def register_convert(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -47,6 +49,26 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
         help="dtype of the written tensors (default: bfloat16)",
     )
     to_hf.set_defaults(func=fsdp_to_hf)
+
+    from_dist = sub.add_parser(
+        "torch-dist-to-fsdp",
+        help="Megatron torch_dist checkpoint -> fsdp_dtensor checkpoint",
+        description="Turn the language decoder of a Megatron torch_dist checkpoint (from a tensor/pipeline/expert "
+        "parallel Megatron-Core run) into a model-only fsdp_dtensor checkpoint, reading one layer at a time. The "
+        "vision tower is taken from a Hugging Face directory of the same model. The architecture is the recipe's "
+        "with the config file and overrides applied.",
+    )
+    from_dist.add_argument("--ckpt", required=True, type=Path, metavar="DIR", help="torch_dist checkpoint directory")
+    from_dist.add_argument(
+        "--hf",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="Hugging Face directory of the same model, for the vision tower",
+    )
+    from_dist.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoint directory to create")
+    add_config_arguments(from_dist)
+    from_dist.set_defaults(func=torch_dist_to_fsdp)
 
 
 def register_inspect(subparsers: argparse._SubParsersAction) -> None:
@@ -92,6 +114,18 @@ def fsdp_to_hf(args: argparse.Namespace) -> int:
 
     out = export_hf(args.ckpt, args.out, dtype=getattr(torch, args.dtype))
     print(f"wrote {out} (load it with transformers' Qwen3VLMoeForConditionalGeneration.from_pretrained)")
+    return 0
+
+
+def torch_dist_to_fsdp(args: argparse.Namespace) -> int:
+    from vlm_fsdp.cli.common import config_from_args
+    from vlm_fsdp.convert.torch_dist import convert_torch_dist
+    from vlm_fsdp.errors import UserError
+
+    if args.out.exists():
+        raise UserError(f"{args.out} already exists; choose a new output directory")
+    convert_torch_dist(args.ckpt, args.hf, args.out, config_from_args(args).model)
+    print(f"wrote {args.out} (start training from it with checkpoint.load={args.out})")
     return 0
 
 
