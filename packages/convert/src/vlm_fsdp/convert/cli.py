@@ -14,9 +14,9 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert checkpoints between Hugging Face and fsdp_dtensor formats (CPU)",
         description="Convert model weights between a Hugging Face Qwen3-VL-MoE directory and an fsdp_dtensor "
-        "checkpoint, on the CPU. Run `vlm-fsdp convert FORMAT --help` for each direction.",
+        "checkpoint, on the CPU. Run `vlm-fsdp convert DIRECTION --help` for each direction.",
     )
-    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True, help="what to convert")
 
     to_fsdp = sub.add_parser(
         "hf-to-fsdp",
