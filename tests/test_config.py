@@ -139,6 +139,7 @@ def test_without_megatron_fsdp_the_defaults_are_plain_megatron():
             "needs dist.use_megatron_fsdp",
         ),
         (["model.image_token_id=9000"], "model.image_token_id=9000 is not below model.vocab_size"),
+        (["ddp.data_parallel_sharding_strategy=no_shard"], "init_model_with_meta_device=true needs a sharding"),
     ],
 )
 def test_incompatible_combinations_are_rejected_with_the_reason(overrides, reason):

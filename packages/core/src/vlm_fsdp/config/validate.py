@@ -38,6 +38,11 @@ def problems(config: Config, world_size: int | None = None) -> list[str]:
             f"ddp.data_parallel_sharding_strategy={ddp.data_parallel_sharding_strategy} shards optimizer "
             "state, which needs ddp.use_distributed_optimizer=true"
         )
+    if fsdp and m.init_model_with_meta_device and ddp.data_parallel_sharding_strategy == "no_shard":
+        out.append(
+            "model.init_model_with_meta_device=true needs a sharding strategy other than no_shard "
+            "(Megatron-FSDP materialises meta parameters shard by shard); set it to false"
+        )
     if ddp.outer_dp_sharding_strategy != "no_shard" and ddp.num_distributed_optimizer_instances < 2:
         out.append("ddp.outer_dp_sharding_strategy needs ddp.num_distributed_optimizer_instances >= 2")
     if ddp.nccl_ub and not ddp.fsdp_double_buffer:
