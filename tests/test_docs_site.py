@@ -298,7 +298,7 @@ def test_guide_screenshot_and_search(server, tab):
 
     tab.evaluate("document.querySelector('input.md-search__input').focus()")
     tab.browser.send("Input.insertText", tab.session, text="requeue")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # the search index builds in a web worker: slow on a loaded machine
     while not tab.evaluate("document.querySelectorAll('.md-search-result__item').length"):
         assert time.monotonic() < deadline, "the search found nothing for 'requeue'"
         time.sleep(0.2)

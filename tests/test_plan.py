@@ -40,7 +40,11 @@ def test_plan_json_gives_exact_integer_parameter_counts(capsys, recipe, total):
 def test_sharding_strategies_order_memory():
     totals = {}
     for strategy in ("no_shard", "optim", "optim_grads", "optim_grads_params"):
-        config = load_config("qwen3_vl_30b_a3b_proxy", overrides=[f"ddp.data_parallel_sharding_strategy={strategy}"])
+        meta = "false" if strategy == "no_shard" else "true"
+        config = load_config(
+            "qwen3_vl_30b_a3b_proxy",
+            overrides=[f"ddp.data_parallel_sharding_strategy={strategy}", f"model.init_model_with_meta_device={meta}"],
+        )
         totals[strategy] = estimate_memory(config, 8, 0.5)
     assert totals["optim"].optimizer < totals["no_shard"].optimizer
     assert totals["optim_grads"].gradients < totals["optim"].gradients

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 
 from vlm_fsdp.errors import UserError
 
-BUILTIN = ("train", "plan", "config", "recipes", "data", "slurm")
+BUILTIN = ("train", "plan", "config", "recipes", "data", "slurm", "bench")
 GROUP = "vlm_fsdp.cli"
 
 

@@ -143,7 +143,10 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
             loss.backward()
             loss_sum += summed.detach()
     t.wrapped.finish_grad_sync()
+    optimizer_start, optimizer_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    optimizer_start.record()
     _, grad_norm, _ = t.optimizer.step()
+    optimizer_end.record()
     t.scheduler.step(increment=1)
     torch.distributed.all_reduce(loss_sum)
     loss_value = loss_sum.item() / max(loss_tokens, 1.0)
@@ -160,6 +163,7 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
         peak_memory_gib=torch.cuda.max_memory_allocated(dist.device) / 2**30,
         data_wait_share=data_wait / elapsed,
         step_time_s=elapsed,
+        optimizer_time_s=optimizer_start.elapsed_time(optimizer_end) / 1000,
         skipped_images=sum(loader.stats.skipped.values()) - skipped_before,
     )
 

@@ -47,6 +47,7 @@ class StepStats:
     peak_memory_gib: float
     data_wait_share: float
     step_time_s: float
+    optimizer_time_s: float
     skipped_images: int
 
     def line(self) -> str:

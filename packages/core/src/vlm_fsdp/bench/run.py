@@ -1,0 +1,132 @@
+"""Run both systems on the same batches and collect their figures.
+
+Both see the microbatches the loader produces for the config (same seed, same order), in bf16, with AdamW and
+the same learning rate; figures are averaged over the steps after the warm-up. Tokens/s counts useful tokens,
+TFLOP/s and MFU come from `vlm_fsdp.plan.flops` on those batches for both systems, so the ratio of the two
+is a ratio of time.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import replace
+from statistics import mean
+
+import torch
+from vlm_fsdp.bench.hf_baseline import build_hf, hf_inputs
+from vlm_fsdp.bench.timing import VisionTimer
+from vlm_fsdp.config.run import Config
+from vlm_fsdp.data.loader import build_loader
+from vlm_fsdp.plan.flops import training_flops
+from vlm_fsdp.train.build import build
+from vlm_fsdp.train.distributed import init_distributed, shutdown
+from vlm_fsdp.train.loop import train_step
+from vlm_fsdp.train.metrics import peak_tflops
+
+
+def _summary(steps: list[dict]) -> dict:
+    keys = steps[0].keys()
+    return {key: mean(step[key] for step in steps) for key in keys}
+
+
+def bench_ours(config: Config, warmup: int, steps: int) -> dict:
+    dist = init_distributed(config)
+    try:
+        trainable = build(config, dist.device)
+        timer = VisionTimer(trainable.model.vision)
+        loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+        microbatches = config.train.global_batch_size // config.train.micro_batch_size
+        peak = peak_tflops(dist.device)
+        rows = []
+        try:
+            for step in range(1, warmup + steps + 1):
+                stats = train_step(config, trainable, loader, dist, step, microbatches, peak)
+                vision = timer.read()
+                if step > warmup:
+                    rows.append(
+                        {
+                            "tokens_per_s": stats.tokens_per_s,
+                            "tflops_per_gpu": stats.tflops_per_gpu,
+                            "mfu": stats.mfu or 0.0,
+                            "peak_memory_gib": stats.peak_memory_gib,
+                            "step_time_s": stats.step_time_s,
+                            "data_wait_s": stats.data_wait_share * stats.step_time_s,
+                            "vision_forward_s": vision,
+                            "optimizer_s": stats.optimizer_time_s,
+                            "loss": stats.loss,
+                        }
+                    )
+        finally:
+            loader.close()
+        return _summary(rows)
+    finally:
+        shutdown()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def bench_transformers(config: Config, warmup: int, steps: int) -> dict:
+    device = torch.device("cuda")
+    model, optimizer = build_hf(config, device)
+    timer = VisionTimer(model.model.visual)
+    loader = build_loader(config)
+    microbatches = config.train.global_batch_size // config.train.micro_batch_size
+    peak = peak_tflops(device)
+    rows = []
+    try:
+        for step in range(1, warmup + steps + 1):
+            torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            batches = [next(loader).to(device) for _ in range(microbatches)]
+            data_wait = time.perf_counter() - start
+            loss_sum = torch.zeros((), device=device)
+            for batch in batches:
+                loss = model(**hf_inputs(batch, config)).loss / len(batches)
+                loss.backward()
+                loss_sum += loss.detach()
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            after.record()
+            loss_value = loss_sum.item()
+            elapsed = time.perf_counter() - start
+            vision = timer.read()
+            tokens = sum(b.num_tokens for b in batches)
+            flops = sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches)
+            tflops = flops / elapsed / 1e12
+            if step > warmup:
+                rows.append(
+                    {
+                        "tokens_per_s": tokens / elapsed,
+                        "tflops_per_gpu": tflops,
+                        "mfu": tflops / peak if peak else 0.0,
+                        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                        "step_time_s": elapsed,
+                        "data_wait_s": data_wait,
+                        "vision_forward_s": vision,
+                        "optimizer_s": before.elapsed_time(after) / 1000,
+                        "loss": loss_value,
+                    }
+                )
+    finally:
+        loader.close()
+    del model, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return _summary(rows)
+
+
+def run_bench(config: Config, *, warmup: int, steps: int, systems: tuple[str, ...]) -> dict:
+    """Figures per variant ("images", "text") and system ("vlm-fsdp", "transformers")."""
+    results = {}
+    for variant, text_only in (("images", False), ("text", True)):
+        variant_config = replace(config, data=replace(config.data, text_only=text_only))
+        results[variant] = {}
+        if "vlm-fsdp" in systems:
+            results[variant]["vlm-fsdp"] = bench_ours(variant_config, warmup, steps)
+        if "transformers" in systems:
+            results[variant]["transformers"] = bench_transformers(variant_config, warmup, steps)
+    return results
