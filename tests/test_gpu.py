@@ -113,3 +113,25 @@ def test_default_run_learns_and_writes_a_checkpoint(tmp_path):
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
     assert "TFLOP/s" in result.stdout and "MFU" in result.stdout
     assert latest_checkpoint(Path(tmp_path) / "checkpoints") is not None
+
+
+def test_round_tripped_model_gives_the_same_logits(tmp_path):
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    from vlm_fsdp.cli.main import main
+    from vlm_fsdp.model.hf_config import hf_config_dict
+
+    config = load_config("tiny", overrides=["data.num_workers=0"])
+    torch.manual_seed(0)
+    hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**hf_config_dict(config.model))).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "hf-to-fsdp", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", "fsdp-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
+    back = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "back", dtype=torch.bfloat16)
+    loader = build_loader(config)
+    batch = next(loader).to("cuda")
+    loader.close()
+    ids = batch.input_ids[:1, : batch.cu_seqlens[1]]
+    with torch.no_grad():
+        before = hf.cuda().eval()(input_ids=ids).logits
+        after = back.cuda().eval()(input_ids=ids).logits
+    assert torch.equal(before, after)
