@@ -15,6 +15,7 @@ from vlm_fsdp.checkpoint.layout import latest_checkpoint, resolve_checkpoint
 from vlm_fsdp.config.load import to_yaml
 from vlm_fsdp.config.overrides import to_dict
 from vlm_fsdp.config.run import Config
+from vlm_fsdp.config.validate import validate
 from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.errors import UserError
@@ -44,6 +45,7 @@ def train(config: Config, *, resume: bool) -> list[StepStats]:
 
 
 def _train(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
+    validate(config, dist.world_size)
     out, save_dir = run_directories(config)
     if dist.is_main:
         write_run_record(out, config)
