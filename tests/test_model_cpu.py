@@ -41,3 +41,26 @@ def test_fp32_logits_and_loss_equal_transformers(config):
     for row in rows:
         assert row["max_abs_logit_diff"] < 1e-4, row
         assert abs(row["hf_loss"] - row["our_loss"]) < 1e-5, row
+
+
+def test_meta_device_model_materialises_module_by_module(config):
+    """What Megatron-FSDP does with init_model_with_meta_device: every module that owns parameters has
+    reset_parameters, and the materialised model has no meta tensor left and runs."""
+    from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
+    from vlm_fsdp.model.transformer_config import transformer_config
+
+    with torch.device("meta"):
+        model = Qwen3VLMoe(transformer_config(config.model, on_meta_device=True), config.model, torch.device("cpu"))
+    owners = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+    assert owners and all(hasattr(m, "reset_parameters") for m in owners)
+    for module in owners:
+        module.to_empty(device="cpu", recurse=False)
+        module.reset_parameters()
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    loader = build_loader(config)
+    try:
+        batch = next(loader)
+    finally:
+        loader.close()
+    losses = model(batch)
+    assert torch.isfinite(losses).all() and losses.sum() > 0
