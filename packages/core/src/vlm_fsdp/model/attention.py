@@ -3,7 +3,8 @@
 Megatron-Core's SelfAttention projects Q/K/V, applies QK-norm and RoPE, then calls this module with
 `[seq, batch, heads, head_dim]` tensors. The sample boundaries arrive in the `attention_mask` slot as cumulative
 sequence lengths over the flattened `batch x seq` tokens. On CUDA the flash-attention varlen kernel computes only
-the blocks inside each sample; elsewhere (CPU tests) SDPA runs with the equivalent block-diagonal causal mask.
+the blocks inside each sample (it needs bf16 or fp16); otherwise (CPU tests, fp32) SDPA runs with the equivalent
+block-diagonal causal mask.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class PackedAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, /, **_: object) -> torch.Tensor:
         seq, batch, heads, dim = query.shape
         cu_seqlens = attention_mask
-        if query.is_cuda:
+        if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
             q, k, v = (t.transpose(0, 1).reshape(batch * seq, t.shape[2], dim) for t in (query, key, value))
             out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, seq, seq, scale=self.softmax_scale, window_size=(-1, 0))
             return out.view(batch, seq, heads * dim).transpose(0, 1)

@@ -35,7 +35,7 @@ def build_vision(model: ModelConfig, device: torch.device) -> Qwen3VLMoeVisionMo
     dtype = torch.bfloat16 if model.bf16 else torch.float32
     with torch.device(device):
         tower = Qwen3VLMoeVisionModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    if device.type == "cuda":
+    if device.type == "cuda" and model.bf16:
         # set after construction: transformers would try to load a flash-attention package for a "flash" name
         tower.config._attn_implementation = VARLEN_ATTENTION
     return tower
