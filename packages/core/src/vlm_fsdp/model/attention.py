@@ -37,7 +37,9 @@ class PackedAttention(MegatronModule):
             out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, seq, seq, scale=self.softmax_scale, window_size=(-1, 0))
             return out.view(batch, seq, heads * dim).transpose(0, 1)
         ids = segment_ids(cu_seqlens, batch * seq).view(batch, 1, seq)
-        mask = (ids[..., :, None] == ids[..., None, :]) & torch.ones(seq, seq, dtype=torch.bool, device=ids.device).tril()
+        mask = (ids[..., :, None] == ids[..., None, :]) & torch.ones(
+            seq, seq, dtype=torch.bool, device=ids.device
+        ).tril()
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
