@@ -46,6 +46,13 @@ def train(config: Config, *, resume: bool) -> list[StepStats]:
 
 def _train(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
     validate(config, dist.world_size)
+    if config.model.expert_model_parallel_size > 1:
+        # every expert-parallel rank would write its own experts under the same checkpoint names
+        raise UserError(
+            "model.expert_model_parallel_size > 1: fsdp_dtensor checkpoints of expert-parallel runs are "
+            "not supported yet; use model.expert_model_parallel_size=1 (Megatron-FSDP still shards the "
+            "experts over all GPUs)"
+        )
     out, save_dir = run_directories(config)
     if dist.is_main:
         write_run_record(out, config)
