@@ -9,6 +9,7 @@ two calls are pointed at the CPU so that the checkpoint can be written with gloo
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def main() -> None:
                    position_embedding_type="none")  # fmt: skip
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
-    dist_checkpointing.save(gpt.sharded_state_dict(), str(OUT))
+    os.chdir(OUT.parent)  # DCP records the path it was given; keep it relative
+    dist_checkpointing.save(gpt.sharded_state_dict(), OUT.name)
     torch.distributed.destroy_process_group()
 
 
