@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlm_fsdp.config.run import Config
-from vlm_fsdp.config.validate import problems
+from vlm_fsdp.config.validate import data_parallel_size, problems
 from vlm_fsdp.plan.flops import attention_flops, text_token_flops, vision_forward_flops
 from vlm_fsdp.plan.memory import GiB, estimate_memory
 from vlm_fsdp.plan.params import count_params
@@ -43,10 +43,7 @@ def make_plan(config: Config, *, gpus: int, gpu_memory_gib: float, image_share: 
             "reference_image_patches": REFERENCE_IMAGE_PATCHES,
         },
         "layout": {
-            "data_parallel": gpus
-            // (m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size)
-            if not layout
-            else None,
+            "data_parallel": None if layout else data_parallel_size(config, gpus),
             "tensor_parallel": m.tensor_model_parallel_size,
             "pipeline_parallel": m.pipeline_model_parallel_size,
             "context_parallel": m.context_parallel_size,
