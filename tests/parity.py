@@ -19,8 +19,9 @@ def build_pair(config: Config, device: torch.device) -> tuple[Qwen3VLMoe, Qwen3V
     """Our model and a random transformers model of the same architecture, our weights copied from it."""
     dtype = torch.bfloat16 if config.model.bf16 else torch.float32
     torch.manual_seed(0)
-    hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**hf_config_dict(config.model)))
-    hf = hf.to(device=device, dtype=dtype).eval()
+    # built in its dtype rather than cast: a cast would also round the rotary inverse frequencies to bf16
+    hf = Qwen3VLMoeForConditionalGeneration._from_config(Qwen3VLMoeConfig(**hf_config_dict(config.model)), dtype=dtype)
+    hf = hf.to(device).eval()
     ours = Qwen3VLMoe(transformer_config(config.model, on_meta_device=False), config.model, device).to(device)
     ours.eval()
     hf_state, params = hf.state_dict(), dict(ours.named_parameters())
@@ -31,17 +32,12 @@ def build_pair(config: Config, device: torch.device) -> tuple[Qwen3VLMoe, Qwen3V
     return ours, hf
 
 
-@torch.no_grad()
-def compare(ours: Qwen3VLMoe, hf, batch: Batch, config: Config) -> list[dict]:
-    """Per packed sample: max and mean |logit difference| and both losses over its target tokens."""
+def samples(batch: Batch, config: Config):
+    """Each packed sample with targets as (row, first, last, labels, transformers' keyword arguments)."""
     m = config.model
-    logits = ours.logits(batch).float()
-    token_loss = ours(batch).float()
-    rows = []
     seq = batch.input_ids.shape[1]
-    bounds = batch.cu_seqlens.tolist()
     image, patch = 0, 0
-    for start, end in itertools.pairwise(bounds):
+    for start, end in itertools.pairwise(batch.cu_seqlens.tolist()):
         row, first = divmod(start, seq)
         last = first + end - start
         ids = batch.input_ids[row : row + 1, first:last]
@@ -52,21 +48,41 @@ def compare(ours: Qwen3VLMoe, hf, batch: Batch, config: Config) -> list[dict]:
         image, patch = image + images, patch + patches
         if (labels == -100).all():
             continue  # padding
-        extra = {}
+        inputs = {"input_ids": ids}
         if images:
-            extra = dict(
+            inputs |= dict(
                 pixel_values=batch.pixel_values[patch - patches : patch],
                 image_grid_thw=grids,
                 mm_token_type_ids=(ids == m.image_token_id).long(),
             )
-        reference = hf(input_ids=ids, **extra).logits[0].float()
+        yield row, first, last, labels, inputs
+
+
+def hf_loss_sum(hf, batch: Batch, config: Config) -> torch.Tensor:
+    """transformers' summed next-token loss over the batch, one packed sample at a time (differentiable)."""
+    total = torch.zeros((), device=batch.input_ids.device)
+    for _, _, _, labels, inputs in samples(batch, config):
+        target = labels != -100
+        logits = hf(**inputs).logits[0].float()
+        total = total + torch.nn.functional.cross_entropy(logits[target], labels[target], reduction="sum")
+    return total
+
+
+@torch.no_grad()
+def compare(ours: Qwen3VLMoe, hf, batch: Batch, config: Config) -> list[dict]:
+    """Per packed sample: max and mean |logit difference| and both losses over its target tokens."""
+    logits = ours.logits(batch).float()
+    token_loss = ours(batch).float()
+    rows = []
+    for row, first, last, labels, inputs in samples(batch, config):
+        reference = hf(**inputs).logits[0].float()
         ours_logits = logits[row, first:last]
         target = labels != -100
         hf_loss = torch.nn.functional.cross_entropy(reference[target], labels[target])
         rows.append(
             {
-                "tokens": end - start,
-                "images": images,
+                "tokens": last - first,
+                "images": int((inputs["input_ids"] == config.model.vision_start_token_id).sum()),
                 "max_abs_logit_diff": (reference - ours_logits).abs().max().item(),
                 "mean_abs_logit_diff": (reference - ours_logits).abs().mean().item(),
                 "hf_loss": hf_loss.item(),

@@ -49,6 +49,17 @@ def test_report_has_table_json_and_chart(tmp_path):
     assert chart.read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_system_that_ran_out_of_memory_is_reported_without_a_ratio(tmp_path):
+    results = {"text": {"vlm-fsdp": {"error": "out of GPU memory: tried to allocate"}, "transformers": {}}}
+    results["text"]["transformers"] = {key: 1.0 for key in ("tokens_per_s", "tflops_per_gpu", "mfu")} | {
+        key: 0.5 for key in ("peak_memory_gib", "step_time_s", "data_wait_s", "vision_forward_s", "optimizer_s")
+    }
+    table = render(results)
+    assert "vlm-fsdp      out of GPU memory" in table and "speed-up" not in table
+    _, chart = write(results, {"recipe": "tiny", "device": "test"}, tmp_path)
+    assert chart.exists()
+
+
 def test_bench_needs_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench"]) == 2

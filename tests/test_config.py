@@ -140,6 +140,7 @@ def test_without_megatron_fsdp_the_defaults_are_plain_megatron():
         ),
         (["model.image_token_id=9000"], "model.image_token_id=9000 is not below model.vocab_size"),
         (["ddp.data_parallel_sharding_strategy=no_shard"], "init_model_with_meta_device=true needs a sharding"),
+        (["train.train_iters=6"], "optimizer.lr_warmup_iters=10 must be below the decay length 6"),
     ],
 )
 def test_incompatible_combinations_are_rejected_with_the_reason(overrides, reason):

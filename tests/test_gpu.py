@@ -22,7 +22,7 @@ from vlm_fsdp.train.build import build
 from vlm_fsdp.train.distributed import init_distributed, shutdown
 from vlm_fsdp.train.loop import train
 
-from .parity import build_pair, compare
+from .parity import build_pair, compare, hf_loss_sum
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -50,10 +50,17 @@ def test_bf16_logits_and_loss_match_transformers():
 
 
 def test_hugging_face_weights_load_into_the_sharded_model(tmp_path):
+    """The imported weights land bitwise in the sharded model, and the first training step's gradient norm
+    (Megatron-FSDP, gradient accumulation over microbatches, per-token loss) equals transformers' on the same
+    microbatches in bf16."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
     from vlm_fsdp.model.hf_config import hf_config_dict
+    from vlm_fsdp.train.loop import train_step
 
-    config = load_config("tiny", overrides=[f"train.output_dir={tmp_path}"])
+    config = load_config(
+        "tiny",
+        overrides=[f"train.output_dir={tmp_path}", "model.moe_aux_loss_coeff=0", "data.num_workers=0"],
+    )
     hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**hf_config_dict(config.model))).to(torch.bfloat16)
     hf.save_pretrained(tmp_path / "hf")
     hf_state = hf.state_dict()
@@ -67,8 +74,23 @@ def test_hugging_face_weights_load_into_the_sharded_model(tmp_path):
             loaded = state[entry.ours]
             loaded = loaded.full_tensor() if hasattr(loaded, "full_tensor") else loaded
             assert torch.equal(loaded.float().cpu().reshape(expected.shape), expected), entry.ours
+
+        microbatches = config.train.global_batch_size // config.train.micro_batch_size
+        loader = build_loader(config)
+        ours = train_step(config, trainable, loader, dist, 1, microbatches, None)
+        loader.close()
     finally:
         shutdown()
+    hf = hf.cuda()
+    loader = build_loader(config)
+    batches = [next(loader).to("cuda") for _ in range(microbatches)]
+    loader.close()
+    loss_tokens = sum(b.num_loss_tokens for b in batches)
+    for batch in batches:
+        (hf_loss_sum(hf, batch, config) / loss_tokens).backward()
+    hf_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in hf.parameters()]))
+    print(f"\nfirst-step grad norm: ours {ours.grad_norm:.6f}, transformers {hf_norm.item():.6f}")
+    assert ours.grad_norm == pytest.approx(hf_norm.item(), rel=3e-2)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -79,6 +101,7 @@ def test_resume_continues_exactly(tmp_path):
         "train.deterministic=true",
         "train.eval_interval=3",
         "train.eval_iters=2",
+        "optimizer.lr_warmup_iters=2",
     ]
     full = train(load_config("tiny", overrides=[*common, f"train.output_dir={tmp_path / 'full'}"]), resume=False)
     saved = tmp_path / "full" / "checkpoints" / "iter_0000003"
@@ -126,12 +149,19 @@ def test_round_tripped_model_gives_the_same_logits(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     assert main(["convert", "hf-to-fsdp", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     assert main(["convert", "fsdp-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
+    # both read from disk: a model cast in memory with .to(bfloat16) also casts its rotary buffers
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
     back = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "back", dtype=torch.bfloat16)
+    back_state = back.state_dict()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, back_state[name]), name
     loader = build_loader(config)
     batch = next(loader).to("cuda")
     loader.close()
     ids = batch.input_ids[:1, : batch.cu_seqlens[1]]
     with torch.no_grad():
-        before = hf.cuda().eval()(input_ids=ids).logits
-        after = back.cuda().eval()(input_ids=ids).logits
-    assert torch.equal(before, after)
+        before = hf.cuda().eval()(input_ids=ids).logits.float()
+        after = back.cuda().eval()(input_ids=ids).logits.float()
+    difference = (before - after).abs().max().item()
+    print(f"\nround trip: max |logit difference| {difference}")
+    assert difference < 1e-3

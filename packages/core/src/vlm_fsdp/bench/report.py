@@ -23,9 +23,13 @@ def render(results: dict) -> str:
     lines += [header, "-" * len(header)]
     for variant, systems in results.items():
         for system, figures in systems.items():
+            if "error" in figures:
+                lines.append(f"{variant:<8} {system:<13} {figures['error']}")
+                continue
             cells = "".join(f" {fmt.format(figures[key]):>13}" for key, _, fmt in COLUMNS)
             lines.append(f"{variant:<8} {system:<13}{cells}")
-        if {"vlm-fsdp", "transformers"} <= systems.keys():
+        measured = {name for name, figures in systems.items() if "error" not in figures}
+        if {"vlm-fsdp", "transformers"} <= measured:
             ratio = systems["vlm-fsdp"]["tokens_per_s"] / systems["transformers"]["tokens_per_s"]
             lines.append(f"{variant:<8} {'speed-up':<13} {ratio:>12.2f}x")
     return "\n".join(lines)
@@ -46,7 +50,7 @@ def write(results: dict, meta: dict, out_dir: Path) -> tuple[Path, Path]:
         for variant, systems in results.items():
             for system, figures in systems.items():
                 labels.append(f"{system}\n{variant}")
-                values.append(figures[key])
+                values.append(figures.get(key, 0.0))
         axis.bar(labels, values, color=["#76b900" if "vlm-fsdp" in label else "#999999" for label in labels])
         axis.set_title(title)
     figure.suptitle(f"{meta.get('recipe')} on {meta.get('device')}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from statistics import mean
 
 import torch
@@ -30,7 +32,18 @@ def _summary(steps: list[dict]) -> dict:
     return {key: mean(step[key] for step in steps) for key in keys}
 
 
-def bench_ours(config: Config, warmup: int, steps: int) -> dict:
+def _profile(step: Callable[[], object], path: Path) -> None:
+    """Run one more step under the PyTorch profiler and write its table of the costliest GPU kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
+def bench_ours(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
     dist = init_distributed(config)
     try:
         trainable = build(config, dist.device)
@@ -57,6 +70,8 @@ def bench_ours(config: Config, warmup: int, steps: int) -> dict:
                             "loss": stats.loss,
                         }
                     )
+            if profile_path:
+                _profile(lambda: train_step(config, trainable, loader, dist, 0, microbatches, peak), profile_path)
         finally:
             loader.close()
         return _summary(rows)
@@ -66,7 +81,7 @@ def bench_ours(config: Config, warmup: int, steps: int) -> dict:
         torch.cuda.empty_cache()
 
 
-def bench_transformers(config: Config, warmup: int, steps: int) -> dict:
+def bench_transformers(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
     device = torch.device("cuda")
     model, optimizer = build_hf(config, device)
     timer = VisionTimer(model.model.visual)
@@ -74,59 +89,72 @@ def bench_transformers(config: Config, warmup: int, steps: int) -> dict:
     microbatches = config.train.global_batch_size // config.train.micro_batch_size
     peak = peak_tflops(device)
     rows = []
+
+    def step() -> dict:
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        batches = [next(loader).to(device) for _ in range(microbatches)]
+        data_wait = time.perf_counter() - start
+        loss_sum = torch.zeros((), device=device)
+        for batch in batches:
+            loss = model(**hf_inputs(batch, config)).loss / len(batches)
+            loss.backward()
+            loss_sum += loss.detach()
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after.record()
+        loss_value = loss_sum.item()
+        elapsed = time.perf_counter() - start
+        vision = timer.read()
+        tokens = sum(b.num_tokens for b in batches)
+        flops = sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches)
+        tflops = flops / elapsed / 1e12
+        return {
+            "tokens_per_s": tokens / elapsed,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / peak if peak else 0.0,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "step_time_s": elapsed,
+            "data_wait_s": data_wait,
+            "vision_forward_s": vision,
+            "optimizer_s": before.elapsed_time(after) / 1000,
+            "loss": loss_value,
+        }
+
     try:
-        for step in range(1, warmup + steps + 1):
-            torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            batches = [next(loader).to(device) for _ in range(microbatches)]
-            data_wait = time.perf_counter() - start
-            loss_sum = torch.zeros((), device=device)
-            for batch in batches:
-                loss = model(**hf_inputs(batch, config)).loss / len(batches)
-                loss.backward()
-                loss_sum += loss.detach()
-            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            before.record()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            after.record()
-            loss_value = loss_sum.item()
-            elapsed = time.perf_counter() - start
-            vision = timer.read()
-            tokens = sum(b.num_tokens for b in batches)
-            flops = sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches)
-            tflops = flops / elapsed / 1e12
-            if step > warmup:
-                rows.append(
-                    {
-                        "tokens_per_s": tokens / elapsed,
-                        "tflops_per_gpu": tflops,
-                        "mfu": tflops / peak if peak else 0.0,
-                        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                        "step_time_s": elapsed,
-                        "data_wait_s": data_wait,
-                        "vision_forward_s": vision,
-                        "optimizer_s": before.elapsed_time(after) / 1000,
-                        "loss": loss_value,
-                    }
-                )
+        for index in range(1, warmup + steps + 1):
+            figures = step()
+            if index > warmup:
+                rows.append(figures)
+        if profile_path:
+            _profile(step, profile_path)
     finally:
         loader.close()
-    del model, optimizer
+    model = optimizer = None  # the step closure holds them too
     gc.collect()
     torch.cuda.empty_cache()
     return _summary(rows)
 
 
-def run_bench(config: Config, *, warmup: int, steps: int, systems: tuple[str, ...]) -> dict:
-    """Figures per variant ("images", "text") and system ("vlm-fsdp", "transformers")."""
+def run_bench(
+    config: Config, *, warmup: int, steps: int, systems: tuple[str, ...], profile_dir: Path | None = None
+) -> dict:
+    """Figures per variant ("images", "text") and system ("vlm-fsdp", "transformers"); a system that runs out
+    of GPU memory is recorded as such and the others still run."""
+    runners = {"vlm-fsdp": bench_ours, "transformers": bench_transformers}
     results = {}
     for variant, text_only in (("images", False), ("text", True)):
         variant_config = replace(config, data=replace(config.data, text_only=text_only))
         results[variant] = {}
-        if "vlm-fsdp" in systems:
-            results[variant]["vlm-fsdp"] = bench_ours(variant_config, warmup, steps)
-        if "transformers" in systems:
-            results[variant]["transformers"] = bench_transformers(variant_config, warmup, steps)
+        for system in systems:
+            path = profile_dir / f"profile_{system}_{variant}.txt" if profile_dir else None
+            try:
+                results[variant][system] = runners[system](variant_config, warmup, steps, path)
+            except torch.OutOfMemoryError as error:
+                results[variant][system] = {"error": f"out of GPU memory: {str(error).splitlines()[0]}"}
+                gc.collect()
+                torch.cuda.empty_cache()
     return results

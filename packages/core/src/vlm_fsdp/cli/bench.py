@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what to run (default: both)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json and bench.png go")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measured steps, profile one more step of each system and write its table of the costliest "
+        "GPU kernels to OUT/profile_SYSTEM_VARIANT.txt",
+    )
     parser.set_defaults(func=run)
 
 
@@ -44,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from vlm_fsdp.bench.run import run_bench
     from vlm_fsdp.provenance import provenance
 
-    results = run_bench(config, warmup=args.warmup, steps=args.steps, systems=tuple(args.systems))
+    results = run_bench(
+        config,
+        warmup=args.warmup,
+        steps=args.steps,
+        systems=tuple(args.systems),
+        profile_dir=args.out if args.profile else None,
+    )
     print(render(results))
     meta = {
         "recipe": config.recipe,

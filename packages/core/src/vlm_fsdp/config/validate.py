@@ -104,6 +104,12 @@ def problems(config: Config, world_size: int | None = None) -> list[str]:
         )
     if config.optimizer.min_lr > config.optimizer.lr:
         out.append("optimizer.min_lr is larger than optimizer.lr")
+    decay = config.optimizer.lr_decay_iters or t.train_iters
+    if config.optimizer.lr_warmup_iters >= decay:
+        out.append(
+            f"optimizer.lr_warmup_iters={config.optimizer.lr_warmup_iters} must be below the decay length {decay} "
+            "(optimizer.lr_decay_iters, or train.train_iters when that is null)"
+        )
 
     if world_size is not None:
         out += layout_problems(config, world_size)

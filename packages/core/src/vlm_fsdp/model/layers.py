@@ -35,6 +35,13 @@ def make_resettable(module: torch.nn.Module, init_method) -> None:
 class Router(TopKRouter):
     """Megatron-Core's top-k router, computing its logits wherever its weight lives."""
 
+    def reset_parameters(self) -> None:
+        # Megatron-Core's version initialises nothing when `perform_initialization` is off, as it is for a
+        # meta-device model, which would leave the materialised router weight uninitialised memory
+        if not self.config.perform_initialization:
+            self.config.init_method(self.weight)
+        super().reset_parameters()
+
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         dtype = torch.float32 if self.config.moe_router_dtype == "fp32" else input.dtype
         return router_gating_linear(input, self.weight, self.bias, dtype)
