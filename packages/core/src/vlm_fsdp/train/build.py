@@ -12,11 +12,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig, FullyShardedDataParallel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from vlm_fsdp.config.run import Config
+from vlm_fsdp.model.compat import single_rank_sharding
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe, apply_freezing
 from vlm_fsdp.model.transformer_config import transformer_config
 from vlm_fsdp.model.vision import VisionBlock
@@ -30,12 +32,12 @@ class Trainable:
     scheduler: OptimizerParamScheduler
 
 
-def ddp_config(config: Config) -> DistributedDataParallelConfig:
+def ddp_config(config: Config, sharding: str) -> DistributedDataParallelConfig:
     d = config.ddp
     return DistributedDataParallelConfig(
         use_megatron_fsdp=True,
         use_distributed_optimizer=bool(d.use_distributed_optimizer),
-        data_parallel_sharding_strategy=d.data_parallel_sharding_strategy,
+        data_parallel_sharding_strategy=sharding,
         outer_dp_sharding_strategy=d.outer_dp_sharding_strategy,
         num_distributed_optimizer_instances=d.num_distributed_optimizer_instances,
         overlap_grad_reduce=bool(d.overlap_grad_reduce),
@@ -49,14 +51,17 @@ def ddp_config(config: Config) -> DistributedDataParallelConfig:
 
 def build(config: Config, device: torch.device) -> Trainable:
     m, o = config.model, config.optimizer
-    meta = bool(m.init_model_with_meta_device)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    sharding = single_rank_sharding(config.ddp.data_parallel_sharding_strategy, dp_size)
+    # Megatron-FSDP materialises meta parameters shard by shard, so an unsharded model is built in place
+    meta = bool(m.init_model_with_meta_device) and sharding != "no_shard"
     tc = transformer_config(m, on_meta_device=meta)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = Qwen3VLMoe(tc, m, vision_device=device)
     apply_freezing(model, m)
     wrapped = FullyShardedDataParallel(
         config=tc,
-        ddp_config=ddp_config(config),
+        ddp_config=ddp_config(config, sharding),
         module=model,
         fsdp_unit_modules=[TransformerLayer, VisionBlock],
         device=device,
