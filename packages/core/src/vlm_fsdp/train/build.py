@@ -8,7 +8,6 @@ parameters unit by unit and shards them) -> Megatron's distributed optimizer ove
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +55,7 @@ def build(config: Config, device: torch.device) -> Trainable:
     # Megatron-FSDP materialises meta parameters shard by shard, so an unsharded model is built in place
     meta = bool(m.init_model_with_meta_device) and sharding != "no_shard"
     tc = transformer_config(m, on_meta_device=meta)
-    with torch.device("meta") if meta else contextlib.nullcontext():
+    with torch.device("meta") if meta else torch.device(device):
         model = Qwen3VLMoe(tc, m, vision_device=device)
     apply_freezing(model, m)
     wrapped = FullyShardedDataParallel(
