@@ -15,12 +15,15 @@ if not HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
     moe_utils.te_general_gemm = None
 
 
-def single_rank_sharding(strategy: str, dp_size: int) -> str:
-    """The data-parallel sharding strategy to build Megatron-FSDP with.
-
-    With one data-parallel rank there is nothing to shard, and megatron-core 0.16.1 counts gradients twice when a
-    sharded strategy has a single rank: its gradient buffer then accumulates in place and the reduce-scatter
-    result is added to that same buffer, doubling the accumulated sum at every microbatch. `no_shard` reduces it
-    once, in place, which over one rank leaves it as it is.
+def fix_single_rank_gradient_reduction(wrapped, sharding: str, dp_size: int) -> None:
+    """megatron-core 0.16.1's Megatron-FSDP counts gradients twice when a sharded strategy runs on one
+    data-parallel rank: the gradient buffer is then not distributed, so it accumulates in place, and the
+    reduce-scatter of that buffer is added back to it, doubling the accumulated sum at every microbatch. The
+    reduction scales the buffer in place before it is reduced; a factor of one half makes the sum come out once.
     """
-    return "no_shard" if dp_size == 1 else strategy
+    if dp_size != 1 or sharding == "no_shard":
+        return
+    for group in wrapped.module.param_and_grad_buffer.parameter_groups:
+        buffer = group.main_grad_buffer
+        if buffer is not None and not buffer.is_data_distributed:
+            buffer.gradient_scaling_factor = 0.5 * (buffer.gradient_scaling_factor or 1.0)

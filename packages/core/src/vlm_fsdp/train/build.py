@@ -17,7 +17,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from vlm_fsdp.config.run import Config
-from vlm_fsdp.model.compat import single_rank_sharding
+from vlm_fsdp.model.compat import fix_single_rank_gradient_reduction
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe, apply_freezing
 from vlm_fsdp.model.transformer_config import transformer_config
 from vlm_fsdp.model.vision import VisionBlock
@@ -31,12 +31,12 @@ class Trainable:
     scheduler: OptimizerParamScheduler
 
 
-def ddp_config(config: Config, sharding: str) -> DistributedDataParallelConfig:
+def ddp_config(config: Config) -> DistributedDataParallelConfig:
     d = config.ddp
     return DistributedDataParallelConfig(
         use_megatron_fsdp=True,
         use_distributed_optimizer=bool(d.use_distributed_optimizer),
-        data_parallel_sharding_strategy=sharding,
+        data_parallel_sharding_strategy=d.data_parallel_sharding_strategy,
         outer_dp_sharding_strategy=d.outer_dp_sharding_strategy,
         num_distributed_optimizer_instances=d.num_distributed_optimizer_instances,
         overlap_grad_reduce=bool(d.overlap_grad_reduce),
@@ -45,25 +45,27 @@ def ddp_config(config: Config, sharding: str) -> DistributedDataParallelConfig:
         fsdp_double_buffer=d.fsdp_double_buffer,
         nccl_ub=d.nccl_ub,
         check_for_nan_in_grad=True,
+        # the in-place scaling that fix_single_rank_gradient_reduction relies on
+        gradient_reduce_div_fusion=False,
     )
 
 
 def build(config: Config, device: torch.device) -> Trainable:
     m, o = config.model, config.optimizer
-    dp_size = parallel_state.get_data_parallel_world_size()
-    sharding = single_rank_sharding(config.ddp.data_parallel_sharding_strategy, dp_size)
-    # Megatron-FSDP materialises meta parameters shard by shard, so an unsharded model is built in place
-    meta = bool(m.init_model_with_meta_device) and sharding != "no_shard"
+    meta = bool(m.init_model_with_meta_device)
     tc = transformer_config(m, on_meta_device=meta)
     with torch.device("meta") if meta else torch.device(device):
         model = Qwen3VLMoe(tc, m, vision_device=device)
     apply_freezing(model, m)
     wrapped = FullyShardedDataParallel(
         config=tc,
-        ddp_config=ddp_config(config, sharding),
+        ddp_config=ddp_config(config),
         module=model,
         fsdp_unit_modules=[TransformerLayer, VisionBlock],
         device=device,
+    )
+    fix_single_rank_gradient_reduction(
+        wrapped, config.ddp.data_parallel_sharding_strategy, parallel_state.get_data_parallel_world_size()
     )
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
