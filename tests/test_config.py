@@ -31,12 +31,12 @@ def test_every_field_has_a_docstring_and_is_keyword_only(cls):
 def test_precedence_recipe_then_file_then_overrides(tmp_path):
     recipe = load_config("tiny")
     path = tmp_path / "over.yaml"
-    path.write_text(yaml.safe_dump({"model": {"seq_length": 512, "num_layers": 2}, "train": {"train_iters": 7}}))
+    path.write_text(yaml.safe_dump({"model": {"seq_length": 512, "num_layers": 2}, "train": {"train_iters": 70}}))
     config = load_config("tiny", config_file=path, overrides=["model.seq_length=256"])
     assert recipe.model.seq_length == 1024
     assert config.model.seq_length == 256  # override beats file
     assert config.model.num_layers == 2  # file beats recipe
-    assert config.train.train_iters == 7
+    assert config.train.train_iters == 70
     assert config.model.hidden_size == recipe.model.hidden_size  # untouched
 
 
@@ -140,7 +140,7 @@ def test_without_megatron_fsdp_the_defaults_are_plain_megatron():
         ),
         (["model.image_token_id=9000"], "model.image_token_id=9000 is not below model.vocab_size"),
         (["ddp.data_parallel_sharding_strategy=no_shard"], "init_model_with_meta_device=true needs a sharding"),
-        (["train.train_iters=6"], "optimizer.lr_warmup_iters=10 must be below the decay length 6"),
+        (["train.train_iters=6"], "optimizer.lr_warmup_iters=20 must be below the decay length 6"),
     ],
 )
 def test_incompatible_combinations_are_rejected_with_the_reason(overrides, reason):

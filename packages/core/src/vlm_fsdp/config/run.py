@@ -69,7 +69,8 @@ class TrainConfig:
     seed: int = 1234
     """Seed of parameter initialisation, data order and dropout."""
     deterministic: bool = False
-    """Use deterministic kernels where PyTorch has them (slower), so a run and its resumed copy match exactly."""
+    """Use deterministic kernels only (slower; an operation without one is an error), so a run and its resumed copy
+    match exactly."""
     output_dir: str | None = None
     """Directory of this run's resolved config, logs and (unless checkpoint.save is set) checkpoints;
     null: `runs/<recipe>-<UTC time>`."""

@@ -36,7 +36,8 @@ def train(config: Config, *, resume: bool) -> list[StepStats]:
     """Run `config` on this rank; returns the step statistics (on every rank)."""
     if config.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # strict: with warn_only, flash attention keeps its non-deterministic backward
+        torch.use_deterministic_algorithms(True)
     dist = init_distributed(config)
     try:
         return _train(config, dist, resume=resume)
