@@ -116,3 +116,39 @@ def test_fp32_gradients_equal_transformers(config):
         assert (got - expected).abs().max() / scale < 1e-4, entry.ours
         checked += 1
     assert checked > 50
+
+
+def test_text_only_microbatch_runs_the_vision_tower_only_when_other_ranks_may(config):
+    """Without images, the tower runs on a dummy image (zero contribution) only when another data-parallel rank
+    may be running it; otherwise it is skipped, and the loss is the same either way."""
+    from dataclasses import replace
+
+    from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
+    from vlm_fsdp.model.transformer_config import transformer_config
+
+    text = replace(config, data=replace(config.data, text_only=True))
+    torch.manual_seed(0)
+    model = Qwen3VLMoe(transformer_config(text.model, on_meta_device=False), text.model, torch.device("cpu"))
+    calls = []
+    model.vision.register_forward_hook(lambda *_: calls.append(1))
+    loader = build_loader(text)
+    try:
+        batch = next(loader)
+    finally:
+        loader.close()
+    assert not batch.has_images
+
+    losses = {}
+    for runs_tower in (True, False):
+        model.vision_without_images = runs_tower
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        losses[runs_tower] = model(batch).sum()
+        losses[runs_tower].backward()
+        assert len(calls) == int(runs_tower)
+        vision_grads = [p.grad for p in model.vision.parameters()]
+        if runs_tower:
+            assert all(g is not None and not g.any() for g in vision_grads)
+        else:
+            assert all(g is None for g in vision_grads)
+    assert torch.equal(losses[True], losses[False])

@@ -33,14 +33,20 @@ def _summary(steps: list[dict]) -> dict:
 
 
 def _profile(step: Callable[[], object], path: Path) -> None:
-    """Run one more step under the PyTorch profiler and write its table of the costliest GPU kernels."""
+    """Run one more step under the PyTorch profiler and write its tables of the costliest GPU kernels and host
+    operations (host synchronisations show up as cudaStreamSynchronize / cudaMemcpyAsync time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    averages = prof.key_averages()
+    tables = [
+        f"{title}\n{averages.table(sort_by=key, row_limit=30, max_name_column_width=70)}"
+        for title, key in (("costliest GPU time", "cuda_time_total"), ("costliest host time", "self_cpu_time_total"))
+    ]
+    path.write_text("\n\n".join(tables))
 
 
 def bench_ours(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:

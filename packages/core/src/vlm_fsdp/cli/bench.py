@@ -33,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the measured steps, profile one more step of each system and write its table of the costliest "
-        "GPU kernels to OUT/profile_SYSTEM_VARIANT.txt",
+        help="after the measured steps, profile one more step of each system and write its tables of the costliest "
+        "GPU kernels and host operations to OUT/profile_SYSTEM_VARIANT.txt",
     )
     parser.set_defaults(func=run)
 

@@ -47,7 +47,8 @@ class Batch:
     image_grid_thw: torch.Tensor
     """[num_images, 3] int64 patch grid of each image, in the order its tokens appear in the flattened rows."""
     has_images: bool
-    """False: no real image in this microbatch (the trainer feeds the vision tower a dummy image)."""
+    """False: no real image in this microbatch (the vision tower is skipped, or fed a dummy image when other
+    data-parallel ranks may be running it)."""
     num_loss_tokens: int
     """Count of labels != -100."""
     num_tokens: int

@@ -1,11 +1,15 @@
-"""Workarounds for megatron-core 0.16.1: running without Transformer Engine (import before building a model), and
-Megatron-FSDP with a single data-parallel rank."""
+"""Workarounds for megatron-core 0.16.1: running without Transformer Engine or Apex (import before building a
+model or an optimizer), and Megatron-FSDP with a single data-parallel rank."""
 
 from __future__ import annotations
 
 import importlib.util
 
+import megatron.core.optimizer.clip_grads as clip_grads
+import megatron.core.optimizer.optimizer as optimizer
 import megatron.core.transformer.moe.moe_utils as moe_utils
+import torch
+from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -13,6 +17,33 @@ HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 # (the name is never bound), so the router raises NameError; `None` selects its plain-PyTorch path.
 if not HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
     moe_utils.te_general_gemm = None
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for Apex's `multi_tensor_l2norm`: the L2 norm over all tensors, as a 1-element GPU tensor."""
+    norms = [norm.float() for tensors in tensor_lists for norm in torch._foreach_norm(tensors)]
+    if not norms:
+        return torch.zeros(1, dtype=torch.float, device="cuda"), None
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for Apex's `multi_tensor_scale`: `dst = src * scale` for every pair of tensors."""
+    sources, targets = tensor_lists
+    if all(s is t for s, t in zip(sources, targets, strict=True)):
+        torch._foreach_mul_(targets, scale)
+    else:
+        torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+
+
+# Without Apex or Transformer Engine, megatron-core's fallbacks for gradient clipping loop over the tensors in
+# Python, and the norm converts every per-tensor norm to a Python float: one host synchronisation per parameter
+# at every step. The foreach versions run a few batched kernels and leave the result on the GPU.
+if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+    clip_grads.l2_norm_impl = _foreach_l2_norm
+for _module in (clip_grads, optimizer):
+    if _module.multi_tensor_scale_impl is local_multi_tensor_scale:
+        _module.multi_tensor_scale_impl = _foreach_scale
 
 
 def fix_single_rank_gradient_reduction(wrapped, sharding: str, dp_size: int) -> None:

@@ -3,8 +3,9 @@
 A step's microbatch flows as: token embeddings -> vision tower over the microbatch's images -> merged image
 features replace the embeddings of the `<|image_pad|>` tokens (batch-major order, as transformers does) ->
 DeepStack features are handed to the decoder -> decoder with mRoPE over packed samples -> per-token loss.
-A microbatch without images runs the tower on one dummy 32x32 image whose output is multiplied by zero, so every
-rank runs the same FSDP collectives and the tower's parameters always get (zero) gradients.
+When other data-parallel ranks may see images, a microbatch without images runs the tower on one dummy 32x32 image
+whose output is multiplied by zero, so that every rank issues the same Megatron-FSDP collectives; otherwise the
+tower is skipped and Megatron-FSDP reduces zero gradients for it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ PROJECTION_PREFIXES = ("merger.", "deepstack_merger_list.")
 class Qwen3VLMoe(MegatronModule):
     """Vision tower (`vision`) + language decoder (`language_model`)."""
 
-    def __init__(self, config: TransformerConfig, model: ModelConfig, vision_device: torch.device) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        model: ModelConfig,
+        vision_device: torch.device,
+        *,
+        vision_without_images: bool = True,
+    ) -> None:
         super().__init__(config=config)
         self.model_config = model
+        self.vision_without_images = vision_without_images
         self.vision = build_vision(model, vision_device)
         self.language_model = LanguageModel(config, model)
 
@@ -57,6 +66,8 @@ class Qwen3VLMoe(MegatronModule):
     def _add_vision(self, batch: Batch, embeds: torch.Tensor):
         dtype = next(self.vision.parameters()).dtype
         if not batch.has_images:
+            if not self.vision_without_images:
+                return embeds, None
             v = self.model_config.vision
             grid = torch.tensor([[1, 2, 2]], device=embeds.device)
             pixels = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size**2, device=embeds.device)

@@ -54,8 +54,10 @@ def build(config: Config, device: torch.device) -> Trainable:
     m, o = config.model, config.optimizer
     meta = bool(m.init_model_with_meta_device)
     tc = transformer_config(m, on_meta_device=meta)
+    # the dummy vision pass keeps collectives in step only where another rank may be running the tower
+    others_see_images = parallel_state.get_data_parallel_world_size() > 1 and not config.data.text_only
     with torch.device("meta") if meta else torch.device(device):
-        model = Qwen3VLMoe(tc, m, vision_device=device)
+        model = Qwen3VLMoe(tc, m, vision_device=device, vision_without_images=others_see_images)
     apply_freezing(model, m)
     wrapped = FullyShardedDataParallel(
         config=tc,
