@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from vlm_fsdp.bench.hf_baseline import build_hf, hf_inputs
 from vlm_fsdp.bench.report import render, write
+from vlm_fsdp.bench.run import _summary
 from vlm_fsdp.cli.main import main
 from vlm_fsdp.config import load_config
 from vlm_fsdp.data.loader import build_loader
@@ -39,6 +41,7 @@ def test_report_has_table_json_and_chart(tmp_path):
         "data_wait_s": 0.01,
         "vision_forward_s": 0.2,
         "optimizer_s": 0.05,
+        "rest_s": 0.74,
         "loss": 3.0,
     }
     results = {"images": {"vlm-fsdp": {**figures, "tokens_per_s": 5000.0}, "transformers": figures}}
@@ -52,7 +55,8 @@ def test_report_has_table_json_and_chart(tmp_path):
 def test_a_system_that_ran_out_of_memory_is_reported_without_a_ratio(tmp_path):
     results = {"text": {"vlm-fsdp": {"error": "out of GPU memory: tried to allocate"}, "transformers": {}}}
     results["text"]["transformers"] = {key: 1.0 for key in ("tokens_per_s", "tflops_per_gpu", "mfu")} | {
-        key: 0.5 for key in ("peak_memory_gib", "step_time_s", "data_wait_s", "vision_forward_s", "optimizer_s")
+        key: 0.5
+        for key in ("peak_memory_gib", "step_time_s", "data_wait_s", "vision_forward_s", "optimizer_s", "rest_s")
     }
     table = render(results)
     assert "vlm-fsdp      out of GPU memory" in table and "speed-up" not in table
@@ -64,3 +68,13 @@ def test_bench_needs_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_summary_averages_steps_and_leaves_the_rest_to_the_language_model_and_backward():
+    steps = [
+        {"step_time_s": 1.0, "data_wait_s": 0.1, "vision_forward_s": 0.2, "optimizer_s": 0.1, "tokens_per_s": 10.0},
+        {"step_time_s": 2.0, "data_wait_s": 0.1, "vision_forward_s": 0.4, "optimizer_s": 0.3, "tokens_per_s": 20.0},
+    ]
+    summary = _summary(steps)
+    assert summary["tokens_per_s"] == 15.0 and summary["step_time_s"] == 1.5
+    assert summary["rest_s"] == pytest.approx(1.5 - 0.1 - 0.3 - 0.2)

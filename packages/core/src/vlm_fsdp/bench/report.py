@@ -14,6 +14,7 @@ COLUMNS = (
     ("data_wait_s", "data s", "{:.3f}"),
     ("vision_forward_s", "vision fwd s", "{:.3f}"),
     ("optimizer_s", "optim s", "{:.3f}"),
+    ("rest_s", "LM + bwd s", "{:.3f}"),
 )
 
 

@@ -28,8 +28,12 @@ from vlm_fsdp.train.metrics import peak_tflops
 
 
 def _summary(steps: list[dict]) -> dict:
-    keys = steps[0].keys()
-    return {key: mean(step[key] for step in steps) for key in keys}
+    """Means over the measured steps, and `rest_s`: what the measured parts leave of a step (the language model's
+    forward and the backward of both towers)."""
+    summary = {key: mean(step[key] for step in steps) for key in steps[0]}
+    measured = ("data_wait_s", "vision_forward_s", "optimizer_s")
+    summary["rest_s"] = summary["step_time_s"] - sum(summary[key] for key in measured)
+    return summary
 
 
 def _profile(step: Callable[[], object], path: Path) -> None:

@@ -15,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train the recipe (default: the qwen3_vl_30b_a3b_proxy) with vlm-fsdp and with transformers' "
         "Qwen3VLMoeForConditionalGeneration built from the same config, on the same bundled photos packed into "
         "sequences and on the text-only data, bf16, AdamW. Prints useful tokens/s, TFLOP/s and MFU from one FLOP "
-        "formula, peak memory and a step-time breakdown (data wait, vision forward, optimizer) after warm-up "
-        "steps, and writes bench.json and bench.png.",
+        "formula, peak memory and a step-time breakdown (data wait, vision forward, optimizer, and the rest: the "
+        "language model's forward and both backward passes) after warm-up steps, and writes bench.json and "
+        "bench.png.",
     )
     add_config_arguments(parser)
     parser.set_defaults(recipe="qwen3_vl_30b_a3b_proxy")
