@@ -7,12 +7,27 @@ import itertools
 
 import torch
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+from vlm_fsdp.config import load_config
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.model.hf_config import hf_config_dict
 from vlm_fsdp.model.hf_mapping import mapping
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
 from vlm_fsdp.model.transformer_config import transformer_config
+
+
+def cpu_config() -> Config:
+    """The tiny recipe as the CPU tests run it: fp32, the all-gather token dispatcher (the all-to-all one needs
+    CUDA streams), built directly on the CPU, data read in the test's process."""
+    return load_config(
+        "tiny",
+        overrides=[
+            "model.bf16=false",
+            "model.moe_token_dispatcher_type=allgather",
+            "model.init_model_with_meta_device=false",
+            "data.num_workers=0",
+        ],
+    )
 
 
 def build_pair(config: Config, device: torch.device) -> tuple[Qwen3VLMoe, Qwen3VLMoeForConditionalGeneration]:

@@ -5,24 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_fsdp.config import load_config
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.train.distributed import init_distributed, shutdown
 
-from .parity import build_pair, compare
+from .parity import build_pair, compare, cpu_config
 
 
 @pytest.fixture(scope="module")
 def config():
-    config = load_config(
-        "tiny",
-        overrides=[
-            "model.bf16=false",
-            "model.moe_token_dispatcher_type=allgather",
-            "model.init_model_with_meta_device=false",
-            "data.num_workers=0",
-        ],
-    )
+    config = cpu_config()
     init_distributed(config)
     yield config
     shutdown()

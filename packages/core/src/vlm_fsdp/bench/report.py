@@ -28,7 +28,8 @@ def render(results: dict) -> str:
                 lines.append(f"{variant:<8} {system:<13} {figures['error']}")
                 continue
             cells = "".join(f" {fmt.format(figures[key]):>13}" for key, _, fmt in COLUMNS)
-            lines.append(f"{variant:<8} {system:<13}{cells}")
+            graphs = f"  ({figures['compiled_graphs']} compiled graphs)" if "compiled_graphs" in figures else ""
+            lines.append(f"{variant:<8} {system:<13}{cells}{graphs}")
         measured = {name for name, figures in systems.items() if "error" not in figures}
         if {"vlm-fsdp", "transformers"} <= measured:
             ratio = systems["vlm-fsdp"]["tokens_per_s"] / systems["transformers"]["tokens_per_s"]

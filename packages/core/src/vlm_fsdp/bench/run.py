@@ -84,7 +84,10 @@ def bench_ours(config: Config, warmup: int, steps: int, profile_path: Path | Non
                 _profile(lambda: train_step(config, trainable, loader, dist, 0, microbatches, peak), profile_path)
         finally:
             loader.close()
-        return _summary(rows)
+        summary = _summary(rows)
+        if trainable.compiled_graphs:
+            summary["compiled_graphs"] = trainable.compiled_graphs()
+        return summary
     finally:
         shutdown()
         gc.collect()

@@ -71,6 +71,10 @@ class TrainConfig:
     deterministic: bool = False
     """Use deterministic kernels only (slower; an operation without one is an error), so a run and its resumed copy
     match exactly."""
+    compile: bool = False
+    """torch.compile the computation inside each Megatron-FSDP unit (vision blocks; decoder self-attention and
+    experts) with dynamic shapes, so that new image sizes reuse the compiled code; the step log counts the compiled
+    graphs."""
     output_dir: str | None = None
     """Directory of this run's resolved config, logs and (unless checkpoint.save is set) checkpoints;
     null: `runs/<recipe>-<UTC time>`."""

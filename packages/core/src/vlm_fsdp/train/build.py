@@ -3,11 +3,12 @@
 Order: model (meta device; the vision tower directly on the GPU) -> freeze switches -> Megatron-FSDP wrap
 through megatron-core's adapter with decoder layers and vision blocks as FSDP units (the wrap materialises meta
 parameters unit by unit and shards them) -> Megatron's distributed optimizer over the sharded fp32 main weights
--> learning-rate schedule.
+-> learning-rate schedule -> optionally torch.compile of the units' computation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.model.compat import fix_single_rank_gradient_reduction
+from vlm_fsdp.model.compile import compile_units
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe, apply_freezing
 from vlm_fsdp.model.transformer_config import transformer_config
 from vlm_fsdp.model.vision import VisionBlock
@@ -29,6 +31,8 @@ class Trainable:
     model: Qwen3VLMoe
     optimizer: object
     scheduler: OptimizerParamScheduler
+    compiled_graphs: Callable[[], int] | None
+    """Graphs compiled so far when `train.compile` is on."""
 
 
 def ddp_config(config: Config) -> DistributedDataParallelConfig:
@@ -102,7 +106,10 @@ def build(config: Config, device: torch.device) -> Trainable:
         wd_incr_steps=iters,
         wd_incr_style="constant",
     )
-    return Trainable(wrapped=wrapped, model=model, optimizer=optimizer, scheduler=scheduler)
+    compiled_graphs = compile_units(model) if config.train.compile else None
+    return Trainable(
+        wrapped=wrapped, model=model, optimizer=optimizer, scheduler=scheduler, compiled_graphs=compiled_graphs
+    )
 
 
 def use_fused_adam(optimizer) -> None:

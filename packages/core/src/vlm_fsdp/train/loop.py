@@ -175,6 +175,7 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
         step_time_s=elapsed,
         optimizer_time_s=optimizer_start.elapsed_time(optimizer_end) / 1000,
         skipped_images=sum(loader.stats.skipped.values()) - skipped_before,
+        compiled_graphs=t.compiled_graphs() if t.compiled_graphs else None,
     )
 
 

@@ -49,13 +49,16 @@ class StepStats:
     step_time_s: float
     optimizer_time_s: float
     skipped_images: int
+    compiled_graphs: int | None = None
 
     def line(self) -> str:
         mfu = f"{self.mfu:6.1%}" if self.mfu is not None else "   n/a"
+        graphs = f"  graphs {self.compiled_graphs}" if self.compiled_graphs is not None else ""
         return (
             f"step {self.step:>6}  loss {self.loss:8.4f}  grad_norm {self.grad_norm:8.3f}  lr {self.lr:.2e}  "
             f"tokens/s {self.tokens_per_s:>10,.0f}  TFLOP/s {self.tflops_per_gpu:7.1f}  MFU {mfu}  "
             f"mem {self.peak_memory_gib:6.2f} GiB  data wait {self.data_wait_share:5.1%}  {self.step_time_s:6.3f} s"
+            f"{graphs}"
         )
 
 
