@@ -290,8 +290,9 @@ def test_every_page_renders_and_every_internal_link_resolves(site, server, tab):
 
 
 def search(tab, page: str, text: str) -> bool:
-    """Type into the search box until results show. On a loaded machine the search worker can miss its start; a
-    fresh load of the page starts it again."""
+    """Type into the search box until results show. The theme reads the query on keyup (and just after focus), and
+    inserted text makes no key event, so a keyup follows the insertion. On a loaded machine the search worker can
+    miss its start; a fresh load of the page starts it again."""
     for _ in range(3):
         deadline, retype = time.monotonic() + 30, 0.0
         while time.monotonic() < deadline:
@@ -302,6 +303,10 @@ def search(tab, page: str, text: str) -> bool:
                     "(() => { const i = document.querySelector('input.md-search__input'); i.value = ''; i.focus(); })()"
                 )
                 tab.browser.send("Input.insertText", tab.session, text=text)
+                tab.evaluate(
+                    "document.querySelector('input.md-search__input')"
+                    ".dispatchEvent(new KeyboardEvent('keyup', {bubbles: true}))"
+                )
                 retype = time.monotonic() + 5
             time.sleep(0.2)
         assert tab.open(page) == []
