@@ -22,7 +22,8 @@ PROJECTION_PREFIXES = ("merger.", "deepstack_merger_list.")
 
 
 class Qwen3VLMoe(MegatronModule):
-    """Vision tower (`vision`) + language decoder (`language_model`)."""
+    """Vision tower (`vision`) + language decoder (`language_model`). `vision_without_images`: run the tower on a
+    dummy image for a microbatch without images (needed when other data-parallel ranks may be running it)."""
 
     def __init__(
         self,
