@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -59,13 +59,16 @@ class Batch:
     """t*h*w of each image (for the FLOP formula)."""
 
     def to(self, device) -> Batch:
-        """This batch with every tensor on `device`."""
-        moved = {
-            f.name: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return Batch(**moved)
+        """This batch with every tensor on `device` (copied asynchronously from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """This batch in page-locked host memory; the data loader's pinning thread calls it."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> Batch:
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: fn(v) for name, v in tensors.items() if isinstance(v, torch.Tensor)})
 
 
 def collate(rows: list[list[Doc]], seq_length: int, pad_id: int, patch_dim: int) -> Batch:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.balance import assign
@@ -278,6 +279,7 @@ class Loader:
             multiprocessing_context=context,
             prefetch_factor=settings.prefetch_factor if workers else None,
             persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
             timeout=settings.timeout_seconds if workers else 0,
         )
         self._iterator = None

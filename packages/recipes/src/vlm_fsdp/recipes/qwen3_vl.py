@@ -3,7 +3,9 @@
 The two full-size recipes carry exactly the architecture of the public Hugging Face configs of
 Qwen3-VL-30B-A3B-Instruct and Qwen3-VL-235B-A22B-Instruct. The proxy keeps 30B-A3B's shapes with 6 decoder
 layers and 32 experts (the benchmark model), and `tiny` is a one-GPU smoke run on the bundled data.
-Everything not set here comes from the `Config` defaults: Megatron-FSDP with ZeRO-3 sharding.
+Everything not set here comes from the `Config` defaults: Megatron-FSDP with ZeRO-3 sharding. The Qwen3-VL
+recipes compile the units' computation (`train.compile`); `tiny` stays eager, where compiling would take longer
+than its run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def qwen3_vl_30b_a3b() -> Config:
             max_position_embeddings=262144,
             vision=VisionConfig(),
         ),
-        train=TrainConfig(train_iters=1000, global_batch_size=32, micro_batch_size=1),
+        train=TrainConfig(train_iters=1000, global_batch_size=32, micro_batch_size=1, compile=True),
         optimizer=OptimizerConfig(lr=1e-5, min_lr=1e-6, lr_warmup_iters=50),
     )
 
@@ -62,7 +64,7 @@ def qwen3_vl_30b_a3b_proxy() -> Config:
     """Benchmark proxy of 30B-A3B: its shapes with 6 decoder layers and 32 experts (top-8), full vision tower."""
     base = qwen3_vl_30b_a3b()
     base.model = replace(base.model, num_layers=6, num_moe_experts=32, **BUNDLED_TOKENIZER_IDS)
-    base.train = TrainConfig(train_iters=50, global_batch_size=1, micro_batch_size=1)
+    base.train = TrainConfig(train_iters=50, global_batch_size=1, micro_batch_size=1, compile=True)
     base.optimizer = OptimizerConfig(lr_warmup_iters=5)
     return base
 
