@@ -17,8 +17,9 @@ from vlm_fsdp.model.transformer_config import transformer_config
 
 
 def cpu_config() -> Config:
-    """The tiny recipe as the CPU tests run it: fp32, the all-gather token dispatcher (the all-to-all one needs
-    CUDA streams), built directly on the CPU, data read in the test's process."""
+    """The tiny recipe as the CPU tests run it: fp32, the all-gather token dispatcher (constructing the all-to-all
+    one needs CUDA streams; on one rank either is replaced by `LocalTokenDispatcher`), built directly on the CPU,
+    data read in the test's process."""
     return load_config(
         "tiny",
         overrides=[

@@ -108,7 +108,8 @@ class ModelConfig:
     expert_tensor_parallel_size: int = 1
     """Tensor-parallel size inside each expert."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
-    """How tokens reach their experts across expert-parallel ranks."""
+    """How tokens reach their experts across expert-parallel ranks; with expert_model_parallel_size 1 they are
+    sorted by expert on the GPU instead, whichever is set."""
 
     # --- training behaviour ---
     freeze_language_model: bool = False

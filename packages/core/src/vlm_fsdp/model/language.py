@@ -3,7 +3,8 @@
 Design choices:
 - Layer spec: Megatron-Core's TransformerLayer, SelfAttention and MoELayer (router, token dispatcher, aux loss)
   with our `PackedAttention` (flash varlen) as core attention and `GroupedExperts` (grouped GEMM) as experts;
-  no Transformer Engine needed.
+  no Transformer Engine needed. Without expert parallelism the MoE layer dispatches through `LocalTokenDispatcher`,
+  which never synchronises with the host.
 - Positions: `position_embedding_type="none"` and `_preprocess` supplies interleaved mRoPE angles computed from
   the `[3, batch, seq]` position ids (Megatron-Core's own mRoPE is the sectioned Qwen2-VL variant).
 - Packed samples: the cumulative sequence lengths travel in the `attention_mask` argument to `PackedAttention`.
@@ -18,7 +19,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -26,6 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.model import compat  # noqa: F401  (patches megatron-core before layers are built)
 from vlm_fsdp.model.attention import PackedAttention
+from vlm_fsdp.model.dispatch import MoE
 from vlm_fsdp.model.experts import GroupedExperts
 from vlm_fsdp.model.layers import ColumnLinear, Router, RowLinear, make_resettable
 from vlm_fsdp.model.rope import mrope_frequencies
@@ -49,7 +51,7 @@ def decoder_layer_spec() -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=GroupedExperts, router=Router)),
+            mlp=ModuleSpec(module=MoE, submodules=MoESubmodules(experts=GroupedExperts, router=Router)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

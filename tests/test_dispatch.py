@@ -1,0 +1,54 @@
+"""`LocalTokenDispatcher` puts the routed tokens in Megatron-Core's order and adds the expert outputs back as
+Megatron-Core's permute/unpermute do, and the model uses it when it holds every expert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, permute, unpermute
+from vlm_fsdp.model.dispatch import LocalTokenDispatcher
+from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
+from vlm_fsdp.model.transformer_config import transformer_config
+from vlm_fsdp.train.distributed import init_distributed, shutdown
+
+from .parity import cpu_config
+
+
+@pytest.fixture(scope="module")
+def tc():
+    config = cpu_config()
+    init_distributed(config)
+    yield transformer_config(config.model, on_meta_device=False)
+    shutdown()
+
+
+def test_dispatch_and_combine_equal_megatron_permute_and_unpermute(tc):
+    torch.manual_seed(0)
+    seq, batch, hidden, experts, topk = 23, 2, tc.hidden_size, tc.num_moe_experts, tc.moe_router_topk
+    logits = torch.randn(seq * batch, experts)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(topk, dim=1).indices, True)
+    probs = torch.softmax(logits, dim=-1) * routing_map
+    states = torch.randn(seq, batch, hidden)
+
+    dispatcher = LocalTokenDispatcher(tc, pg_collection=get_default_pg_collection())
+    tokens, token_probs = dispatcher.token_dispatch(*dispatcher.dispatch_preprocess(states, routing_map, probs))
+    tokens, per_expert, token_probs = dispatcher.dispatch_postprocess(tokens, token_probs)
+    expected, expected_probs, index = permute(
+        states.view(-1, hidden), routing_map, probs=probs, num_out_tokens=seq * batch * topk
+    )
+    assert torch.equal(tokens, expected) and torch.equal(token_probs, expected_probs)
+    assert per_expert.tolist() == routing_map.sum(dim=0).tolist()
+    assert sum(per_expert.tolist()) == seq * batch * topk
+
+    outputs = torch.randn_like(tokens)
+    combined = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(outputs)))
+    restored = unpermute(outputs, index, restore_shape=torch.Size([seq * batch, hidden]), routing_map=routing_map)
+    assert combined.shape == states.shape
+    torch.testing.assert_close(combined.view(-1, hidden), restored, rtol=0, atol=1e-6)
+
+
+def test_model_dispatches_locally_without_expert_parallelism(tc):
+    config = cpu_config()
+    model = Qwen3VLMoe(tc, config.model, torch.device("cpu"), vision_without_images=False)
+    dispatchers = [layer.mlp.token_dispatcher for layer in model.language_model.decoder.layers]
+    assert dispatchers and all(isinstance(d, LocalTokenDispatcher) for d in dispatchers)
