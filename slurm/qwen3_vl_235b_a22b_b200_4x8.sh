@@ -1,6 +1,6 @@
 #!/bin/bash
 # qwen3_vl_235b_a22b - Qwen3-VL-235B-A22B-Instruct: 94 layers, 128 experts (top-8), 4096 wide; 27-block vision tower.
-# 4 nodes x 8 GPUs: data-parallel 32, expert-parallel 16, tensor-parallel 1, context-parallel 1; sharding optim_grads_params.
+# 4 nodes x 8 GPUs: data-parallel 32, expert-parallel 16; sharding optim_grads_params.
 # Printed by (regenerate rather than edit):
 #   vlm-fsdp slurm --recipe qwen3_vl_235b_a22b --nodes 4 --gpus-per-node 8 --container vlm-fsdp.sqsh --config-file recipes/qwen3_vl_235b_a22b_mfsdp.yaml
 # Submit from the root of the checkout; sbatch options given on its command line override the ones below:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # qwen3_vl_30b_a3b - Qwen3-VL-30B-A3B-Instruct: 48 layers, 128 experts (top-8), 2048 wide; 27-block vision tower.
-# 2 nodes x 8 GPUs: data-parallel 16, expert-parallel 8, tensor-parallel 1, context-parallel 1; sharding optim_grads_params.
+# 2 nodes x 8 GPUs: data-parallel 16, expert-parallel 8; sharding optim_grads_params.
 # Printed by (regenerate rather than edit):
 #   vlm-fsdp slurm --recipe qwen3_vl_30b_a3b --nodes 2 --gpus-per-node 8 --config-file recipes/qwen3_vl_30b_a3b_mfsdp.yaml
 # Submit from the root of the checkout; sbatch options given on its command line override the ones below:

@@ -48,8 +48,9 @@ def build_pair(config: Config, device: torch.device) -> tuple[Qwen3VLMoe, Qwen3V
     return ours, hf
 
 
-def samples(batch: Batch, config: Config):
-    """Each packed sample with targets as (row, first, last, labels, transformers' keyword arguments)."""
+def samples(batch: Batch, config: Config, *, padding: bool = False):
+    """Each packed sample with targets (and, with `padding`, also the padding segments) as (row, first, last,
+    labels, transformers' keyword arguments)."""
     m = config.model
     seq = batch.input_ids.shape[1]
     image, patch = 0, 0
@@ -62,8 +63,8 @@ def samples(batch: Batch, config: Config):
         patches = int(grids.prod(-1).sum()) if images else 0
         labels = batch.labels[row, first:last]
         image, patch = image + images, patch + patches
-        if (labels == -100).all():
-            continue  # padding
+        if (labels == -100).all() and not padding:
+            continue
         inputs = {"input_ids": ids}
         if images:
             inputs |= dict(

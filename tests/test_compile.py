@@ -12,7 +12,7 @@ from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.model.compile import compile_units
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
 from vlm_fsdp.model.transformer_config import transformer_config
-from vlm_fsdp.train.distributed import init_distributed, shutdown
+from vlm_fsdp.train.parallel import init_distributed, shutdown
 
 from .parity import cpu_config
 

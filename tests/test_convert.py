@@ -100,7 +100,7 @@ def _reshard_on_two_ranks(rank: int, source: str, target: str, port: int) -> Non
 
 
 def test_checkpoint_written_by_two_ranks_converts_bitwise(hf_dir, checkpoint, tmp_path):
-    from vlm_fsdp.train.distributed import free_port
+    from vlm_fsdp.train.parallel import free_port
 
     two = tmp_path / "two-ranks"
     torch.multiprocessing.spawn(_reshard_on_two_ranks, args=(str(checkpoint), str(two), free_port()), nprocs=2)

@@ -9,7 +9,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, p
 from vlm_fsdp.model.dispatch import LocalTokenDispatcher
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
 from vlm_fsdp.model.transformer_config import transformer_config
-from vlm_fsdp.train.distributed import init_distributed, shutdown
+from vlm_fsdp.train.parallel import init_distributed, shutdown
 
 from .parity import cpu_config
 

@@ -31,10 +31,10 @@ def test_config_reference_has_every_key_with_its_docstring():
             assert reference.cell(doc) in page
 
 
-def test_config_reference_shows_both_defaults_of_switched_keys():
+def test_config_reference_shows_the_default_of_switched_keys():
     page = reference.config_reference()
     row = next(line for line in page.splitlines() if line.startswith("| `ddp.data_parallel_sharding_strategy` |"))
-    assert "`null`: `optim_grads_params` with Megatron-FSDP, `no_shard` without" in row
+    assert "`null`: `optim_grads_params` with Megatron-FSDP" in row
     assert "\\| null" in row  # the type, with its pipe escaped for the table
 
 
@@ -74,7 +74,7 @@ def test_only_commands_of_other_packages_go_unchecked():
 
 def test_guide_maps_every_switched_setting_to_its_megatron_lm_flag():
     rows = [line for line in GUIDE.read_text().splitlines() if line.startswith("| ")]
-    for (section, name), (with_fsdp, _) in DEFAULTS.items():
+    for (section, name), with_fsdp in DEFAULTS.items():
         (row,) = [r for r in rows if f"| `{section}.{name}` |" in r]
         assert f"`{reference.value(with_fsdp)}`" in row, f"the guide states another default for {section}.{name}"
         assert "`--" in row, f"the guide gives no Megatron-LM flag for {section}.{name}"

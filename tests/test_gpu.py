@@ -19,8 +19,8 @@ from vlm_fsdp.config import load_config
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.model.hf_mapping import mapping
 from vlm_fsdp.train.build import build
-from vlm_fsdp.train.distributed import init_distributed, shutdown
 from vlm_fsdp.train.loop import train
+from vlm_fsdp.train.parallel import init_distributed, shutdown
 
 from .parity import build_pair, compare, hf_loss_sum
 
@@ -67,7 +67,7 @@ def test_hugging_face_weights_load_into_the_sharded_model(tmp_path):
     dist = init_distributed(config)
     try:
         trainable = build(config, dist.device)
-        load_model(import_hf(tmp_path / "hf", tmp_path / "import", config.model, dist), trainable.wrapped)
+        load_model(import_hf(tmp_path / "hf", tmp_path / "import", config.model, dist), trainable)
         state = model_state(trainable.wrapped)
         for entry in mapping(config.model):
             expected = entry.to_ours([hf_state[n] for n in entry.hf], config.model).float()

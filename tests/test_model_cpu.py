@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from vlm_fsdp.data.loader import build_loader
-from vlm_fsdp.train.distributed import init_distributed, shutdown
+from vlm_fsdp.train.parallel import init_distributed, shutdown
 
 from .parity import build_pair, compare, cpu_config
 

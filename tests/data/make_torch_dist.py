@@ -27,7 +27,7 @@ def main() -> None:
     from megatron.core.models.gpt.gpt_model import GPTModel
     from vlm_fsdp.config import load_config
     from vlm_fsdp.model.transformer_config import transformer_config
-    from vlm_fsdp.train.distributed import free_port
+    from vlm_fsdp.train.parallel import free_port
 
     from tests.test_convert import ODD
 

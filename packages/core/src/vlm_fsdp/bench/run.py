@@ -22,9 +22,9 @@ from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.plan.flops import training_flops
 from vlm_fsdp.train.build import build
-from vlm_fsdp.train.distributed import init_distributed, shutdown
 from vlm_fsdp.train.loop import train_step
 from vlm_fsdp.train.metrics import peak_tflops
+from vlm_fsdp.train.parallel import init_distributed, shutdown
 
 
 def _summary(steps: list[dict]) -> dict:

@@ -1,9 +1,14 @@
 """Save and restore everything a run needs to continue exactly, as one DCP checkpoint per step.
 
-The DCP state holds `model` (parameters by our names, sharded DTensors: the fp32 main weights Megatron-FSDP
-trains), `optimizer` (Megatron's distributed optimizer state in its fsdp_dtensor form), `scheduler`, `step`,
-`data` (the loader position as JSON, independent of the number of ranks) and `rng/<rank>` (each rank's RNG
-states, pickled: DCP stores such opaque values whole instead of walking into them).
+The DCP state holds, under global names and shapes (`vlm_fsdp.checkpoint.sharding`, so a checkpoint loads at any
+number of ranks and any expert-parallel layout):
+- `model.<name>`: the parameters by our names, the fp32 main weights Megatron-FSDP trains, every expert once;
+- `optimizer.state.<name>.{exp_avg,exp_avg_sq,step}`: AdamW's state of each parameter, merged over Megatron's
+  chained optimizers (dense and expert parameters have one each under expert parallelism), with the one step count
+  of the run; the parameter groups' settings come from the config and the `scheduler`, not from the checkpoint;
+- `scheduler`, `step`, `data` (the loader position as JSON, independent of the number of ranks) and `rng/<rank>`
+  (each rank's RNG states, pickled: DCP stores such opaque values whole instead of walking into them; a rank
+  without one, on a larger layout, keeps its fresh seed).
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from megatron.core import parallel_state
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from vlm_fsdp.checkpoint.layout import PARTIAL, RUN_RECORD, finalize, iteration_dir, prune
+from vlm_fsdp.checkpoint.sharding import global_view
 from vlm_fsdp.errors import UserError
+from vlm_fsdp.model.experts import GroupedExperts
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fsdp_dtensor"}
 
@@ -32,6 +40,44 @@ def model_key(name: str) -> str:
 
 def model_state(wrapped) -> dict[str, Any]:
     return {model_key(k): v for k, v in wrapped.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def as_global(tree: dict, model) -> dict:
+    """`tree` with every sharded tensor as a view of its global tensor; expert tensors are told apart by name."""
+    experts = {
+        f"{name}.{param}"
+        for name, module in model.named_modules()
+        if isinstance(module, GroupedExperts)
+        for param, _ in module.named_parameters(recurse=False)
+    }
+    return global_view(
+        tree,
+        is_expert=lambda path: any(model_key(part) in experts for part in path),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        ep_size=parallel_state.get_expert_model_parallel_world_size(),
+    )
+
+
+def _optimizer_parts(optimizer, *, loading: bool) -> list[dict]:
+    """Megatron's fsdp_dtensor state dict of each chained optimizer (`{"state": {name: {...}}, ...}`). It names
+    parameters by the modules' current ones, so the model's sharded parameters must be in the modules: the model's
+    `state_dict()` puts them back (the optimizer step leaves the gathered ones there for the next forward)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p.sharded_state_dict({}, is_loading=loading, metadata=OPTIMIZER_METADATA) for p in parts]
+
+
+def _optimizer_state(parts: list[dict]) -> dict[str, dict]:
+    """The per-parameter states of all parts under our names (the same dicts, so loading into them fills the
+    parts)."""
+    return {model_key(name): state for part in parts for name, state in part["state"].items()}
+
+
+def _run_step_count(states: dict[str, dict], device: torch.device) -> torch.Tensor:
+    """AdamW's step count of the run: the largest over every parameter and rank. A parameter whose shard on this
+    rank is empty never steps here, so its own count stays 0."""
+    local = torch.stack([s["step"].to(device, torch.float32) for s in states.values()]).max()
+    torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+    return local
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,15 +102,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(*, save_dir: Path, step: int, trainable, loader_state: dict, run_record: str, keep: int, rank: int) -> Path:
-    """Write the checkpoint of `step` atomically; returns its directory."""
+    """Write the checkpoint of `step` atomically (every rank calls this); returns its directory."""
     final = iteration_dir(save_dir, step)
     partial = final.with_name(final.name + PARTIAL)
     if rank == 0:
         partial.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = {
-        "model": model_state(trainable.wrapped),
-        "optimizer": trainable.optimizer.sharded_state_dict({}, metadata=OPTIMIZER_METADATA),
+    model = model_state(trainable.wrapped)  # first: see `_optimizer_parts`
+    states = _optimizer_state(_optimizer_parts(trainable.optimizer, loading=False))
+    steps = _run_step_count(states, next(iter(states.values()))["exp_avg"].device)
+    states = {name: {**state, "step": steps.to(state["step"].device)} for name, state in states.items()}
+    sharded = as_global({"model": model, "optimizer": {"state": states}}, trainable.model)
+    state = sharded | {
         "scheduler": trainable.scheduler.state_dict(),
         "step": step,
         "data": json.dumps(loader_state),
@@ -84,53 +133,60 @@ def checkpoint_keys(path: Path) -> set[str]:
     return set(FileSystemReader(path).read_metadata().state_dict_metadata)
 
 
-def load_model(path: Path, wrapped) -> None:
-    """Load only the model parameters (a training checkpoint, or one made by `vlm-fsdp convert`)."""
-    state = model_state(wrapped)
-    missing = sorted(f"model.{k}" for k in state if f"model.{k}" not in checkpoint_keys(path))
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out += _flat_keys(value, f"{name}.") if isinstance(value, dict) else [name]
+    return out
+
+
+def _require(path: Path, tree: dict, keys: set[str], what: str) -> None:
+    missing = sorted(k for k in _flat_keys(tree) if k not in keys)
     if missing:
         raise UserError(
-            f"checkpoint {path} lacks {len(missing)} model tensors, e.g. {missing[:3]}: it was written "
-            "for another architecture (compare with `vlm-fsdp inspect`)"
+            f"checkpoint {path} lacks {len(missing)} {what}, e.g. {missing[:3]}: it was written for another "
+            "architecture or by an older vlm-fsdp (compare with `vlm-fsdp inspect`)"
         )
-    dcp.load({"model": state}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
-    _install(wrapped, state)
+
+
+def load_model(path: Path, trainable) -> None:
+    """Load only the model parameters (a training checkpoint, or one made by `vlm-fsdp convert`)."""
+    state = as_global({"model": model_state(trainable.wrapped)}, trainable.model)
+    _require(path, state, checkpoint_keys(path), "model tensors")
+    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    _install(trainable.wrapped)
 
 
 def load(path: Path, trainable, rank: int) -> tuple[int, dict]:
-    """Restore a full training state; returns (step, loader state)."""
+    """Restore a full training state, written at any layout; returns (step, loader state)."""
     keys = checkpoint_keys(path)
     if "step" not in keys:
         raise UserError(
             f"{path} holds model weights only (no optimizer or step): start from it with "
             f"checkpoint.load={path} instead of --resume"
         )
-    model = model_state(trainable.wrapped)
-    state = {
-        "model": model,
-        "optimizer": trainable.optimizer.sharded_state_dict({}, is_loading=True, metadata=OPTIMIZER_METADATA),
-        "scheduler": trainable.scheduler.state_dict(),
-        "step": 0,
-        "data": "",
-    }
+    model = model_state(trainable.wrapped)  # first: see `_optimizer_parts`
+    parts = _optimizer_parts(trainable.optimizer, loading=True)
+    sharded = as_global({"model": model, "optimizer": {"state": _optimizer_state(parts)}}, trainable.model)
+    _require(path, sharded, keys, "model or optimizer tensors")
+    state = sharded | {"scheduler": trainable.scheduler.state_dict(), "step": 0, "data": ""}
     rng_key = f"rng/{rank}"
     if rng_key in keys:
         state[rng_key] = b""
     dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
-    _install(trainable.wrapped, model)
-    trainable.optimizer.load_state_dict(state["optimizer"])
+    _install(trainable.wrapped)
+    for optimizer, part in zip(getattr(trainable.optimizer, "chained_optimizers", [trainable.optimizer]), parts,
+                               strict=True):  # fmt: skip
+        optimizer.load_state_dict(part)
     trainable.scheduler.load_state_dict(state["scheduler"])
     if rng_key in state:
         set_rng_state(pickle.loads(state[rng_key]))
     return int(state["step"]), json.loads(state["data"])
 
 
-def _install(wrapped, loaded: dict[str, Any]) -> None:
-    """Copy loaded values into the parameters they belong to, then refresh the bf16 compute weights."""
-    with torch.no_grad():
-        for key, value in model_state(wrapped).items():
-            if value is not loaded[key]:
-                value.copy_(loaded[key])
+def _install(wrapped) -> None:
+    """Refresh the bf16 compute weights from the loaded fp32 main weights."""
     fsdp = wrapped.module
     if hasattr(fsdp, "install_optimized_model_weights"):
         fsdp.install_optimized_model_weights()

@@ -45,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlm_fsdp.errors import UserError
 
-    config = config_from_args(args)  # report config mistakes before anything else
+    launched = "LOCAL_RANK" in os.environ
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else args.nproc_per_node * args.nnodes
+    config = config_from_args(args, world_size)  # config and layout mistakes before anything else
     import torch
 
     if not torch.cuda.is_available():
@@ -55,14 +57,12 @@ def run(args: argparse.Namespace) -> int:
             + (f" --config-file {args.config_file}" if args.config_file else "")
             + "".join(f" {o}" for o in args.overrides)
         )
-    if not config.dist.use_megatron_fsdp:
-        raise UserError("dist.use_megatron_fsdp=false: this trainer runs with Megatron-FSDP only")
     if config.train.output_dir is None:
         # fixed here, before any rank starts, so that every rank writes to the same directory
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         args.overrides.append(f"train.output_dir=runs/{config.recipe}-{stamp}")
-        config = config_from_args(args)
-    if (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        config = config_from_args(args, world_size)
+    if world_size > 1 and not launched:
         return launch(args)
     from vlm_fsdp.train.loop import train
 

@@ -98,15 +98,16 @@ class ModelConfig:
 
     # --- parallel layout (names as in Megatron-Bridge) ---
     tensor_model_parallel_size: int = 1
-    """Tensor-parallel group size."""
+    """Tensor-parallel group size; only 1 is implemented (shard with Megatron-FSDP instead)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline stages; Megatron-FSDP needs 1."""
     context_parallel_size: int = 1
-    """Context-parallel group size (splits the sequence)."""
+    """Context-parallel group size (splits the sequence); only 1 is implemented."""
     expert_model_parallel_size: int = 1
-    """Expert-parallel group size; must divide num_moe_experts."""
+    """Expert-parallel group size: each MoE layer's experts are split over this many consecutive GPUs; must divide
+    num_moe_experts and the number of GPUs."""
     expert_tensor_parallel_size: int = 1
-    """Tensor-parallel size inside each expert."""
+    """Tensor-parallel size inside each expert; only 1 is implemented."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     """How tokens reach their experts across expert-parallel ranks; with expert_model_parallel_size 1 they are
     sorted by expert on the GPU instead, whichever is set."""

@@ -113,15 +113,16 @@ class DDPConfig:
     Fields left null are derived from `dist.use_megatron_fsdp` (see `vlm_fsdp.config.megatron_fsdp`)."""
 
     data_parallel_sharding_strategy: ShardingStrategy | None = None
-    """What Megatron-FSDP shards across data-parallel ranks: `no_shard`, `optim` (optimizer state), `optim_grads`
-    (+ gradients) or `optim_grads_params` (+ parameters, ZeRO-3); null: optim_grads_params with Megatron-FSDP."""
+    """What Megatron-FSDP shards across data-parallel ranks: `no_shard`, `optim_grads` (optimizer state and
+    gradients) or `optim_grads_params` (+ parameters, ZeRO-3); `optim` (optimizer state only) is refused, its
+    gradients being wrong on several ranks in megatron-core 0.16.1; null: optim_grads_params with Megatron-FSDP."""
     outer_dp_sharding_strategy: Literal["no_shard", "optim"] = "no_shard"
-    """Hybrid sharding: what is sharded across the outer data-parallel groups (needs
-    num_distributed_optimizer_instances > 1)."""
+    """Hybrid sharding: what is sharded across the outer data-parallel groups; only `no_shard` (replicas) is
+    implemented."""
     num_distributed_optimizer_instances: int = 1
     """Data-parallel replicas of the sharded state (hybrid FSDP: shard inside a group, replicate across groups)."""
     use_distributed_optimizer: bool | None = None
-    """Shard optimizer state across data-parallel ranks; null: on with Megatron-FSDP."""
+    """Use Megatron's distributed optimizer, which Megatron-FSDP needs (false is refused); null: on."""
     overlap_grad_reduce: bool | None = None
     """Overlap gradient reduce-scatter with the backward pass; null: on with Megatron-FSDP."""
     overlap_param_gather: bool | None = None
@@ -139,9 +140,10 @@ class DistConfig:
     """Distributed backend choice."""
 
     use_megatron_fsdp: bool = True
-    """Train with Megatron-FSDP; sets the defaults of every null field it owns (see the user guide)."""
+    """Train with Megatron-FSDP (false is refused: it is the only backend); sets the defaults of every null field
+    it owns (see the user guide)."""
     use_torch_fsdp2: bool = False
-    """Train with PyTorch FSDP2 instead (not supported together with Megatron-FSDP)."""
+    """Train with PyTorch FSDP2 instead (refused: not supported; kept so that Megatron-Bridge configs load)."""
     distributed_timeout_minutes: int = 10
     """Timeout of collective operations before a rank gives up."""
 

@@ -5,46 +5,70 @@ from __future__ import annotations
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.errors import ConfigError
 
+# parallel splits the model code does not implement, and why
+UNSPLIT = {
+    "tensor_model_parallel_size": "the vision tower (transformers') and the grouped experts are not tensor-parallel",
+    "context_parallel_size": "the packed-sequence attention does not split sequences across ranks",
+    "expert_tensor_parallel_size": "the grouped experts are not tensor-parallel",
+}
+
 
 def problems(config: Config, world_size: int | None = None) -> list[str]:
     """Every reason the config cannot run (on `world_size` GPUs, when given); empty when it can."""
     m, v, ddp, out = config.model, config.model.vision, config.ddp, []
-    fsdp = config.dist.use_megatron_fsdp
 
-    # Megatron-FSDP compatibility
-    if fsdp and config.dist.use_torch_fsdp2:
-        out.append("dist.use_megatron_fsdp and dist.use_torch_fsdp2 are both true: choose one FSDP implementation")
+    # what this trainer implements: Megatron-FSDP with expert parallelism, nothing else
+    if not config.dist.use_megatron_fsdp:
+        out.append("dist.use_megatron_fsdp=false: vlm-fsdp trains with Megatron-FSDP only")
     if config.dist.use_torch_fsdp2:
-        out.append("dist.use_torch_fsdp2=true is not supported; use dist.use_megatron_fsdp=true")
-    if fsdp and config.checkpoint.ckpt_format == "torch_dist":
+        out.append("dist.use_torch_fsdp2=true: PyTorch FSDP2 is not supported; vlm-fsdp trains with Megatron-FSDP")
+    if config.checkpoint.ckpt_format == "torch_dist":
         out.append(
             "checkpoint.ckpt_format=torch_dist cannot save Megatron-FSDP's sharded parameters; use "
             "fsdp_dtensor (convert existing torch_dist checkpoints with `vlm-fsdp convert torch-dist-to-fsdp`)"
         )
-    if not fsdp and config.checkpoint.ckpt_format == "fsdp_dtensor":
-        out.append("checkpoint.ckpt_format=fsdp_dtensor needs dist.use_megatron_fsdp=true")
-    if fsdp and m.pipeline_model_parallel_size > 1:
+    if m.pipeline_model_parallel_size > 1:
         out.append(
             "Megatron-FSDP does not support pipeline parallelism: set model.pipeline_model_parallel_size=1 "
             "(shard with FSDP and expert parallelism instead)"
         )
-    if fsdp and m.gradient_accumulation_fusion:
+    for name, what in UNSPLIT.items():
+        if getattr(m, name) > 1:
+            out.append(
+                f"model.{name}={getattr(m, name)} is not implemented: {what}; set it to 1 and shard with "
+                "Megatron-FSDP and model.expert_model_parallel_size instead"
+            )
+    if ddp.data_parallel_sharding_strategy == "optim":
+        out.append(
+            "ddp.data_parallel_sharding_strategy=optim gives wrong gradients on more than one rank in megatron-core "
+            "0.16.1 (a rank's own gradients are added to the reduced ones); use optim_grads, which shards the "
+            "optimizer state the same way and the gradients too"
+        )
+    if ddp.outer_dp_sharding_strategy != "no_shard":
+        out.append(
+            f"ddp.outer_dp_sharding_strategy={ddp.outer_dp_sharding_strategy} is not implemented: checkpoints of "
+            "optimizer state sharded over the outer groups of hybrid sharding; use no_shard (replicas across groups)"
+        )
+    if ddp.num_distributed_optimizer_instances > 1 and m.expert_model_parallel_size > 1:
+        out.append(
+            "ddp.num_distributed_optimizer_instances > 1 (hybrid sharding) with model.expert_model_parallel_size > 1: "
+            "megatron-core 0.16.1's Megatron-FSDP adapter builds no expert groups for hybrid sharding; use one of them"
+        )
+    if m.gradient_accumulation_fusion:
         out.append(
             "model.gradient_accumulation_fusion=true does not work with Megatron-FSDP's gradient buffers; "
             "set it to false"
         )
-    if ddp.data_parallel_sharding_strategy != "no_shard" and not ddp.use_distributed_optimizer:
+    if not ddp.use_distributed_optimizer:
         out.append(
-            f"ddp.data_parallel_sharding_strategy={ddp.data_parallel_sharding_strategy} shards optimizer "
-            "state, which needs ddp.use_distributed_optimizer=true"
+            "ddp.use_distributed_optimizer=false is not implemented: Megatron-FSDP trains with Megatron's distributed "
+            "optimizer (set it to true; ddp.data_parallel_sharding_strategy=no_shard keeps its state unsharded)"
         )
-    if fsdp and m.init_model_with_meta_device and ddp.data_parallel_sharding_strategy == "no_shard":
+    if m.init_model_with_meta_device and ddp.data_parallel_sharding_strategy == "no_shard":
         out.append(
             "model.init_model_with_meta_device=true needs a sharding strategy other than no_shard "
             "(Megatron-FSDP materialises meta parameters shard by shard); set it to false"
         )
-    if ddp.outer_dp_sharding_strategy != "no_shard" and ddp.num_distributed_optimizer_instances < 2:
-        out.append("ddp.outer_dp_sharding_strategy needs ddp.num_distributed_optimizer_instances >= 2")
     if ddp.nccl_ub and not ddp.fsdp_double_buffer:
         out.append("ddp.nccl_ub=true needs ddp.fsdp_double_buffer=true (registered buffers must be persistent)")
 
@@ -61,9 +85,6 @@ def problems(config: Config, world_size: int | None = None) -> list[str]:
             f"model.num_query_groups={m.num_query_groups} does not divide "
             f"model.num_attention_heads={m.num_attention_heads}"
         )
-    tp = m.tensor_model_parallel_size
-    if m.num_query_groups % tp:
-        out.append(f"model.tensor_model_parallel_size={tp} does not divide model.num_query_groups={m.num_query_groups}")
     if sum(m.mrope_section) * 2 != m.kv_channels:
         out.append(
             f"model.mrope_section {m.mrope_section} sums to {sum(m.mrope_section)}, but must sum to "
@@ -117,30 +138,24 @@ def problems(config: Config, world_size: int | None = None) -> list[str]:
 
 
 def layout_problems(config: Config, world_size: int) -> list[str]:
-    """Reasons the parallel layout does not fit `world_size` GPUs."""
+    """Reasons the parallel layout does not fit `world_size` GPUs (every GPU is a data-parallel rank)."""
     m, out = config.model, []
-    model_parallel = m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
-    if world_size % model_parallel:
+    if world_size % m.expert_model_parallel_size:
         out.append(
-            f"{world_size} GPUs cannot be split into tensor x pipeline x context parallel groups of {model_parallel}"
+            f"{world_size} GPUs cannot be split into expert-parallel groups of {m.expert_model_parallel_size} "
+            f"(model.expert_model_parallel_size={m.expert_model_parallel_size})"
         )
-        return out
-    expert_parallel = m.expert_model_parallel_size * m.expert_tensor_parallel_size * m.pipeline_model_parallel_size
-    if world_size % expert_parallel:
-        out.append(
-            f"{world_size} GPUs cannot be split into expert x expert-tensor x pipeline groups of "
-            f"{expert_parallel} (model.expert_model_parallel_size={m.expert_model_parallel_size})"
-        )
-    dp = world_size // model_parallel
-    step = config.train.micro_batch_size * dp
+    step = config.train.micro_batch_size * world_size
     if config.train.global_batch_size % step:
         out.append(
             f"train.global_batch_size={config.train.global_batch_size} is not a multiple of "
-            f"micro_batch_size x data-parallel size = {config.train.micro_batch_size} x {dp}"
+            f"micro_batch_size x data-parallel size = {config.train.micro_batch_size} x {world_size}"
         )
     instances = config.ddp.num_distributed_optimizer_instances
-    if dp % instances:
-        out.append(f"ddp.num_distributed_optimizer_instances={instances} does not divide the data-parallel size {dp}")
+    if world_size % instances:
+        out.append(
+            f"ddp.num_distributed_optimizer_instances={instances} does not divide the data-parallel size {world_size}"
+        )
     return out
 
 
@@ -149,8 +164,3 @@ def validate(config: Config, world_size: int | None = None) -> None:
     found = problems(config, world_size)
     if found:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in found))
-
-
-def data_parallel_size(config: Config, world_size: int) -> int:
-    m = config.model
-    return world_size // (m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from vlm_fsdp.config.load import load_config
 from vlm_fsdp.config.recipes import recipe_summary
-from vlm_fsdp.config.validate import data_parallel_size
 
 # Seconds before the time limit at which Slurm signals the batch shell to requeue the job.
 REQUEUE_WARNING_S = 120
@@ -90,9 +89,8 @@ def sbatch_script(job: SlurmJob) -> str:
     lines = [
         "#!/bin/bash",
         f"# {job.recipe} - {recipe_summary(job.recipe)}",
-        f"# {job.nodes} nodes x {job.gpus_per_node} GPUs: data-parallel {data_parallel_size(config, world)}, "
-        f"expert-parallel {m.expert_model_parallel_size}, tensor-parallel {m.tensor_model_parallel_size}, "
-        f"context-parallel {m.context_parallel_size}; sharding {config.ddp.data_parallel_sharding_strategy}.",
+        f"# {job.nodes} nodes x {job.gpus_per_node} GPUs: data-parallel {world}, "
+        f"expert-parallel {m.expert_model_parallel_size}; sharding {config.ddp.data_parallel_sharding_strategy}.",
         "# Printed by (regenerate rather than edit):",
         f"#   {shlex.join(job.command())}",
         "# Submit from the root of the checkout; sbatch options given on its command line override the ones below:",

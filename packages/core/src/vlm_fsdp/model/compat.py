@@ -1,5 +1,5 @@
-"""Workarounds for megatron-core 0.16.1: running without Transformer Engine or Apex (import before building a
-model or an optimizer), and Megatron-FSDP with a single data-parallel rank."""
+"""Workarounds for megatron-core 0.16.1 running without Transformer Engine or Apex (import before building a model
+or an optimizer). Those of Megatron-FSDP's buffers are in `vlm_fsdp.train.parallel`."""
 
 from __future__ import annotations
 
@@ -44,17 +44,3 @@ if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
 for _module in (clip_grads, optimizer):
     if _module.multi_tensor_scale_impl is local_multi_tensor_scale:
         _module.multi_tensor_scale_impl = _foreach_scale
-
-
-def fix_single_rank_gradient_reduction(wrapped, sharding: str, dp_size: int) -> None:
-    """megatron-core 0.16.1's Megatron-FSDP counts gradients twice when a sharded strategy runs on one
-    data-parallel rank: the gradient buffer is then not distributed, so it accumulates in place, and the
-    reduce-scatter of that buffer is added back to it, doubling the accumulated sum at every microbatch. The
-    reduction scales the buffer in place before it is reduced; a factor of one half makes the sum come out once.
-    """
-    if dp_size != 1 or sharding == "no_shard":
-        return
-    for group in wrapped.module.param_and_grad_buffer.parameter_groups:
-        buffer = group.main_grad_buffer
-        if buffer is not None and not buffer.is_data_distributed:
-            buffer.gradient_scaling_factor = 0.5 * (buffer.gradient_scaling_factor or 1.0)

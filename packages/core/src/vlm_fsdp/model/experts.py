@@ -2,7 +2,9 @@
 
 Weights are stacked per expert in Hugging Face's layout: `gate_up_proj` `[experts, 2 x ffn, hidden]` (gate rows
 first) and `down_proj` `[experts, hidden, ffn]`. Megatron-Core's MoE layer routes and permutes the tokens and calls
-`forward(tokens, tokens_per_expert, probs)` like its own expert modules.
+`forward(tokens, tokens_per_expert, probs)` like its own expert modules. Under expert parallelism a rank holds the
+experts from `expert_offset` on; each expert is initialised from a seed of its own global index, so the experts
+are the same under every expert-parallel size.
 """
 
 from __future__ import annotations
@@ -11,12 +13,20 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_rank
+from vlm_fsdp.model.init import derive_seed, seeded_rng
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`x[rows of group g] @ weight[g].T` for consecutive row groups ending at `offsets`."""
     if x.is_cuda:
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    return _loop_linear(x, weight, offsets)
+
+
+@torch.compiler.disable  # its sizes come from the data: compiled, it would specialise on them
+def _loop_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`grouped_linear` off the GPU (CPU tests), one matrix product per group."""
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     return torch.cat([chunk @ w.T for chunk, w in zip(x.split(sizes), weight, strict=True)])
 
@@ -27,6 +37,7 @@ class GroupedExperts(MegatronModule):
     def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None) -> None:
         super().__init__(config=config)
         self.num_local_experts = num_local_experts
+        self.expert_offset = get_pg_rank(pg_collection.ep) * num_local_experts if pg_collection else 0
         ffn, hidden = config.moe_ffn_hidden_size, config.hidden_size
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.gate_up_proj = torch.nn.Parameter(
@@ -41,9 +52,13 @@ class GroupedExperts(MegatronModule):
         if config.perform_initialization:
             self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.config.init_method(self.gate_up_proj)
-        self.config.output_layer_init_method(self.down_proj)
+        base = int(torch.randint(0, 2**62, (), device="cpu"))  # the module's seeded generator (`vlm_fsdp.model.init`)
+        for local in range(self.num_local_experts):
+            with seeded_rng(derive_seed(base, f"expert {self.expert_offset + local}"), self.gate_up_proj.device):
+                self.config.init_method(self.gate_up_proj[local])
+                self.config.output_layer_init_method(self.down_proj[local])
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         offsets = torch.cumsum(tokens_per_expert.to(tokens.device, non_blocking=True), 0).to(torch.int32)

@@ -11,6 +11,7 @@ tower is skipped and Megatron-FSDP reduces zero gradients for it.
 from __future__ import annotations
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from vlm_fsdp.config.model import ModelConfig
@@ -38,6 +39,12 @@ class Qwen3VLMoe(MegatronModule):
         self.vision_without_images = vision_without_images
         self.vision = build_vision(model, vision_device)
         self.language_model = LanguageModel(config, model)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's forward/backward schedule
+
+    def set_input_tensor(self, input_tensor: list) -> None:
+        """The previous pipeline stage's output, which megatron-core's schedule hands over; without pipeline
+        parallelism there is none."""
+        self.language_model.set_input_tensor(input_tensor)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Per-token cross-entropy `[batch, seq]` in fp32; zero where `batch.labels` is -100."""

@@ -2,9 +2,10 @@
 
 Model state (exact given the parameter counts): bf16 weights (2 bytes), gradients (2 bytes, 4 with
 `ddp.grad_reduce_in_fp32`), and for trainable parameters fp32 main weights plus Adam's two moments (12 bytes).
-Decoder dense weights and embeddings are split by tensor parallelism, experts by expert (x expert-tensor)
-parallelism; the sharding strategy then divides optimizer state (`optim`), + gradients (`optim_grads`) and
-+ weights (`optim_grads_params`) over the data-parallel ranks of each. Sharded weights need unsharded working
+Experts are split by expert parallelism; the
+sharding strategy then divides optimizer state (`no_shard`: nothing; `optim_grads`: optimizer state and gradients;
+`optim_grads_params`: also the weights) over the data-parallel ranks of each: every GPU for dense parameters, the
+ranks holding the same experts for those. Sharded weights need unsharded working
 buffers for the FSDP unit being computed and the one prefetched.
 
 Activations (an estimate, bf16): per decoder layer and token the tensors kept for the backward pass
@@ -53,17 +54,15 @@ def estimate_memory(config: Config, world_size: int, image_share: float) -> Memo
     """Memory per GPU on `world_size` GPUs when `image_share` of each sequence's tokens are image tokens."""
     m, ddp = config.model, config.ddp
     counts = count_params(m)
-    tp, ep = m.tensor_model_parallel_size, m.expert_model_parallel_size * m.expert_tensor_parallel_size
-    pp, cp = m.pipeline_model_parallel_size, m.context_parallel_size
-    dense_dp = world_size // (tp * pp * cp)
-    expert_dp = world_size // (ep * pp)
+    ep = m.expert_model_parallel_size
+    dense_dp, expert_dp = world_size, world_size // ep
     instances = ddp.num_distributed_optimizer_instances
 
     # parameters held by this rank before data-parallel sharding
-    dense = (counts.language_dense + counts.embeddings) / (tp * pp) + counts.vision  # the ViT is replicated
-    experts = counts.experts / (ep * pp)
+    dense = counts.language_dense + counts.embeddings + counts.vision
+    experts = counts.experts / ep
     train_language, train_vision, train_experts = trainable_params(config, counts)
-    trainable = train_language / (tp * pp) + train_vision + train_experts / (ep * pp)
+    trainable = train_language + train_vision + train_experts / ep
 
     strategy = ddp.data_parallel_sharding_strategy
 
@@ -78,16 +77,12 @@ def estimate_memory(config: Config, world_size: int, image_share: float) -> Memo
     weights = shard(dense, experts, strategy == "optim_grads_params") * param_bytes
     grads_sharded = strategy in ("optim_grads", "optim_grads_params")
     gradients = trainable * (shard_fraction if grads_sharded else 1.0) * grad_bytes
-    # Megatron-FSDP shards optimizer state unless no_shard; plain Megatron DDP does with the distributed optimizer
-    optimizer_sharded = strategy != "no_shard" if config.dist.use_megatron_fsdp else bool(ddp.use_distributed_optimizer)
-    optimizer = trainable * (shard_fraction if optimizer_sharded else 1.0) * (12 if m.bf16 else 8)
+    optimizer = trainable * (shard_fraction if strategy != "no_shard" else 1.0) * (12 if m.bf16 else 8)
 
     fsdp_buffers = 0.0
     if strategy == "optim_grads_params":
-        layer = (attention_params(m) + m.num_moe_experts * m.hidden_size) / tp + m.num_moe_experts * expert_params(
-            m
-        ) / ep
-        unit = max(layer, m.vocab_size * m.hidden_size / tp)
+        layer = attention_params(m) + m.num_moe_experts * m.hidden_size + m.num_moe_experts * expert_params(m) / ep
+        unit = max(layer, m.vocab_size * m.hidden_size)
         fsdp_buffers = 2 * unit * (param_bytes + grad_bytes)
 
     return MemoryEstimate(
@@ -103,15 +98,15 @@ def decoder_layer_activation_bytes(config: Config) -> float:
     """Bytes kept for the backward pass per token in one decoder layer, without recompute."""
     m = config.model
     h, q, kv = m.hidden_size, m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
-    attention = 2 * (2 * h + 2 * q + 2 * kv) / m.tensor_model_parallel_size
+    attention = 2 * (2 * h + 2 * q + 2 * kv)
     moe = 2 * (3 * h + m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size)) + 8 * m.num_moe_experts
     return attention + moe
 
 
 def activation_bytes(config: Config, image_share: float) -> float:
     m = config.model
-    tokens = config.train.micro_batch_size * m.seq_length / m.context_parallel_size
-    layers = m.num_layers / m.pipeline_model_parallel_size
+    tokens = config.train.micro_batch_size * m.seq_length
+    layers = m.num_layers
     per_layer = decoder_layer_activation_bytes(config)
     if m.recompute_granularity == "full":
         n = m.recompute_num_layers or 1
@@ -120,7 +115,7 @@ def activation_bytes(config: Config, image_share: float) -> float:
         else:
             decoder = (layers / n) * 2 * m.hidden_size + n * per_layer
     elif m.recompute_granularity == "selective":
-        q = m.num_attention_heads * m.kv_channels / m.tensor_model_parallel_size
+        q = m.num_attention_heads * m.kv_channels
         decoder = layers * (per_layer - 2 * q)
     else:
         decoder = layers * per_layer
@@ -128,5 +123,5 @@ def activation_bytes(config: Config, image_share: float) -> float:
     patches = tokens * image_share * v.spatial_merge_size**2
     vision = patches * v.depth * 2 * (7 * v.hidden_size + 3 * v.intermediate_size)
     deepstack = patches / v.spatial_merge_size**2 * m.hidden_size * 2 * len(v.deepstack_visual_indexes)
-    logits = tokens * m.vocab_size * (2 + 4) / m.tensor_model_parallel_size
+    logits = tokens * m.vocab_size * (2 + 4)
     return tokens * decoder + vision + deepstack + logits

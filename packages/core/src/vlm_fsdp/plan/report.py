@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlm_fsdp.config.run import Config
-from vlm_fsdp.config.validate import data_parallel_size, problems
+from vlm_fsdp.config.validate import problems
 from vlm_fsdp.plan.flops import attention_flops, text_token_flops, vision_forward_flops
 from vlm_fsdp.plan.memory import GiB, estimate_memory
 from vlm_fsdp.plan.params import count_params
@@ -43,11 +43,9 @@ def make_plan(config: Config, *, gpus: int, gpu_memory_gib: float, image_share: 
             "reference_image_patches": REFERENCE_IMAGE_PATCHES,
         },
         "layout": {
-            "data_parallel": None if layout else data_parallel_size(config, gpus),
-            "tensor_parallel": m.tensor_model_parallel_size,
-            "pipeline_parallel": m.pipeline_model_parallel_size,
-            "context_parallel": m.context_parallel_size,
+            "data_parallel": None if layout else gpus,  # every GPU is a data-parallel rank
             "expert_parallel": m.expert_model_parallel_size,
+            "expert_data_parallel": None if layout else gpus // m.expert_model_parallel_size,
             "sharding_strategy": config.ddp.data_parallel_sharding_strategy,
             "recompute": m.recompute_granularity,
             "problems": layout,
@@ -91,8 +89,8 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"  per vision patch     {f['training_per_vision_patch'] / 1e9:10.2f} GFLOP  (images of "
         f"{f['reference_image_patches']} patches)",
         "",
-        f"Layout: DP={lay['data_parallel']} TP={lay['tensor_parallel']} PP={lay['pipeline_parallel']} "
-        f"CP={lay['context_parallel']} EP={lay['expert_parallel']}, sharding {lay['sharding_strategy']}, "
+        f"Layout: DP={lay['data_parallel']} EP={lay['expert_parallel']} (experts sharded over "
+        f"{lay['expert_data_parallel']} ranks each), sharding {lay['sharding_strategy']}, "
         f"recompute {lay['recompute'] or 'off'}",
         "",
         f"Memory per GPU (GiB, {mem['image_share']:.0%} image tokens)",

@@ -3,13 +3,14 @@ metrics and checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from vlm_fsdp.checkpoint import training_state
 from vlm_fsdp.checkpoint.layout import latest_checkpoint, resolve_checkpoint
 from vlm_fsdp.config.load import to_yaml
@@ -22,8 +23,8 @@ from vlm_fsdp.errors import UserError
 from vlm_fsdp.plan.flops import training_flops
 from vlm_fsdp.provenance import provenance, write_run_record
 from vlm_fsdp.train.build import Trainable, build
-from vlm_fsdp.train.distributed import Dist, init_distributed, shutdown
 from vlm_fsdp.train.metrics import StepLogger, StepStats, peak_tflops
+from vlm_fsdp.train.parallel import Dist, init_distributed, shutdown
 
 
 def run_directories(config: Config) -> tuple[Path, Path]:
@@ -40,20 +41,14 @@ def train(config: Config, *, resume: bool) -> list[StepStats]:
         torch.use_deterministic_algorithms(True)
     dist = init_distributed(config)
     try:
-        return _train(config, dist, resume=resume)
+        return train_loop(config, dist, resume=resume)
     finally:
         shutdown()
 
 
-def _train(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
+def train_loop(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
+    """The run on this rank, whose process groups are started (`init_distributed`)."""
     validate(config, dist.world_size)
-    if config.model.expert_model_parallel_size > 1:
-        # every expert-parallel rank would write its own experts under the same checkpoint names
-        raise UserError(
-            "model.expert_model_parallel_size > 1: fsdp_dtensor checkpoints of expert-parallel runs are "
-            "not supported yet; use model.expert_model_parallel_size=1 (Megatron-FSDP still shards the "
-            "experts over all GPUs)"
-        )
     out, save_dir = run_directories(config)
     if dist.is_main:
         write_run_record(out, config)
@@ -70,13 +65,13 @@ def _train(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
         _say(dist, f"resumed from {checkpoint} at step {start}")
     elif config.checkpoint.load:
         checkpoint = resolve_checkpoint(Path(config.checkpoint.load))
-        training_state.load_model(checkpoint, trainable.wrapped)
+        training_state.load_model(checkpoint, trainable)
         _say(dist, f"loaded model weights from {checkpoint}")
     elif config.model.hf_path:
         from vlm_fsdp.checkpoint.hf_import import import_hf
 
         checkpoint = import_hf(Path(config.model.hf_path), out / "hf_import", config.model, dist)
-        training_state.load_model(checkpoint, trainable.wrapped)
+        training_state.load_model(checkpoint, trainable)
         _say(dist, f"loaded Hugging Face weights from {config.model.hf_path}")
 
     logger = StepLogger(
@@ -137,22 +132,7 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
     torch.distributed.all_reduce(totals)
     loss_tokens, tokens, flops = totals.tolist()
 
-    t.wrapped.zero_grad_buffer()
-    t.optimizer.zero_grad()
-    loss_sum = torch.zeros((), device=dist.device, dtype=torch.float32)
-    per_token = config.model.calculate_per_token_loss
-    for index, batch in enumerate(batches):
-        last = index == len(batches) - 1
-        with contextlib.nullcontext() if last else t.wrapped.no_sync():
-            token_losses = t.wrapped(batch)
-            summed = token_losses.sum()
-            if per_token:
-                loss = summed / max(loss_tokens, 1.0)
-            else:
-                loss = summed / max(batch.num_loss_tokens, 1) / len(batches)
-            loss.backward()
-            loss_sum += summed.detach()
-    t.wrapped.finish_grad_sync()
+    loss_sum = forward_backward(config, t, batches)
     optimizer_start, optimizer_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     optimizer_start.record()
     _, grad_norm, _ = t.optimizer.step()
@@ -177,6 +157,36 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
         skipped_images=sum(loader.stats.skipped.values()) - skipped_before,
         compiled_graphs=t.compiled_graphs() if t.compiled_graphs else None,
     )
+
+
+def forward_backward(config: Config, t: Trainable, batches: list[Batch]) -> torch.Tensor:
+    """Zero the gradients and run megatron-core's forward/backward schedule over this rank's microbatches, which
+    also finalises the gradients (`vlm_fsdp.train.parallel`, step 4): reduced over the ranks and, with
+    `model.calculate_per_token_loss`, divided by the global number of loss tokens. Returns this rank's summed
+    per-token loss."""
+    t.wrapped.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    microbatches = iter(batches)
+
+    def loss(batch: Batch, token_losses: torch.Tensor):
+        summed = token_losses.sum()
+        tokens = torch.tensor(batch.num_loss_tokens, dtype=torch.int, device=summed.device)
+        # the schedule divides the loss in place when the loss is per microbatch; the log keeps the sum
+        return summed, tokens, {"loss_sum": summed.detach().clone()}
+
+    def forward_step(_, model):
+        batch = next(microbatches)
+        return model(batch), partial(loss, batch)
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=None,
+        model=t.wrapped,
+        num_microbatches=len(batches),
+        seq_length=config.model.seq_length,
+        micro_batch_size=config.train.micro_batch_size,
+    )
+    return torch.stack([out["loss_sum"] for out in outputs]).sum()
 
 
 @torch.no_grad()

@@ -80,8 +80,7 @@ def config_reference() -> str:
                 default = f"`{value(field_default(field))}`"
                 shown = type_name(tp)
                 if (key, field.name) in DEFAULTS:
-                    with_fsdp, without = DEFAULTS[key, field.name]
-                    default += f": `{value(with_fsdp)}` with Megatron-FSDP, `{value(without)}` without"
+                    default += f": `{value(DEFAULTS[key, field.name])}` with Megatron-FSDP"
             lines.append(f"| `{full}` | {cell(shown)} | {cell(default)} | {cell(docs.get(field.name, ''))} |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,222 @@
+"""What the spawned CPU ranks run (`tests.gloo.ranks`): the real model, Megatron-FSDP wrap, distributed optimizer,
+training step and checkpoints of the product, on the tiny recipe in fp32 with 512-token sequences and the bundled
+data. Each job returns rank 0's result: full (unsharded) tensors gathered from every rank, losses, gradient norms.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from torch.distributed.tensor import DTensor
+from vlm_fsdp.checkpoint import training_state
+from vlm_fsdp.checkpoint.layout import PARTIAL, finalize, resolve_checkpoint
+from vlm_fsdp.config import load_config
+from vlm_fsdp.data.loader import build_loader
+from vlm_fsdp.train.build import Trainable, build
+from vlm_fsdp.train.loop import forward_backward, train_loop, train_step
+from vlm_fsdp.train.parallel import Dist, init_distributed
+
+# fp32, one sequence per microbatch, four per optimizer step: 4 microbatches on 1 rank, 2 each on 2, 1 each on 4
+BASE = [
+    "model.bf16=false",
+    "model.seq_length=512",
+    "model.moe_aux_loss_coeff=0.01",
+    "data.num_workers=0",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=1",
+    "train.train_iters=4",
+    "optimizer.lr_warmup_iters=1",
+    "checkpoint.most_recent_k=5",
+    "dist.distributed_timeout_minutes=3",
+]
+
+
+def _start(overrides, output_dir: str) -> tuple:
+    config = load_config("tiny", overrides=[*BASE, f"train.output_dir={output_dir}", *overrides])
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    dist = init_distributed(config)
+    return config, dist, build(config, dist.device)
+
+
+def full_tensors(tree: dict[str, DTensor], trainable: Trainable) -> dict[str, torch.Tensor] | None:
+    """The global tensors of a flat dict of sharded tensors, assembled on rank 0 (None elsewhere)."""
+    views = training_state.as_global({"t": tree}, trainable.model)["t"]
+    pieces = [
+        (name, tuple(v.shape), tuple(v._local_tensor.__create_chunk_list__()[0].offsets), v.to_local().detach().clone())
+        for name, v in views.items()
+    ]
+    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(pieces, gathered, dst=0)
+    if gathered is None:
+        return None
+    out, covered = {}, {}
+    for rank_pieces in gathered:
+        for name, shape, offsets, local in rank_pieces:
+            target = out.setdefault(name, torch.zeros(shape, dtype=local.dtype))
+            rows = covered.setdefault(name, torch.zeros(shape[0], dtype=torch.bool))
+            target[offsets[0] : offsets[0] + local.shape[0]] = local
+            rows[offsets[0] : offsets[0] + local.shape[0]] = True
+    assert all(rows.all() for rows in covered.values()), "the ranks' pieces do not cover the global tensors"
+    return out
+
+
+def _gradients(trainable: Trainable) -> dict[str, torch.Tensor] | None:
+    return full_tensors(dict(trainable.wrapped.module.param_and_grad_buffer.dist_main_grad), trainable)
+
+
+def _weights(trainable: Trainable) -> dict[str, torch.Tensor] | None:
+    return full_tensors(training_state.model_state(trainable.wrapped), trainable)
+
+
+def first_step(*, output_dir: str, overrides: list[str] = ()) -> dict:
+    """One training step from the seed, without gradient clipping: the initial weights, the step's gradients, their
+    norm, the loss, and the image patches of every rank's microbatches."""
+    config, dist, t = _start(["optimizer.clip_grad=0.0", *overrides], output_dir)
+    initial = _weights(t)
+    loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+    patches = []
+    microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
+    try:
+        stats = train_step(config, t, _Counting(loader, patches), dist, 1, microbatches, None)
+    finally:
+        loader.close()
+    return {
+        "initial": initial,
+        "gradients": _gradients(t),
+        "grad_norm": stats.grad_norm,
+        "loss": stats.loss,
+        "patches": _gather(sum(patches), dist),
+    }
+
+
+class _Counting:
+    """The loader, counting the image patches of the microbatches this rank takes."""
+
+    def __init__(self, loader, patches: list[int]) -> None:
+        self.loader, self.patches, self.stats = loader, patches, loader.stats
+
+    def __next__(self):
+        batch = next(self.loader)
+        self.patches.append(sum(batch.image_patches))
+        return batch
+
+
+def _gather(value, dist: Dist):
+    out = [None] * dist.world_size if dist.rank == 0 else None
+    torch.distributed.gather_object(value, out, dst=0)
+    return out
+
+
+def run(*, output_dir: str, overrides: list[str] = (), resume_from: str | None = None) -> dict:
+    """`vlm-fsdp train`'s loop (`vlm_fsdp.train.loop`) on this layout, saving every 2 steps; with `resume_from`, it
+    first puts that checkpoint into this run's save directory and resumes from it. Returns the steps' losses and
+    gradient norms."""
+    config = load_config("tiny", overrides=[*BASE, f"train.output_dir={output_dir}", "checkpoint.save_interval=2",
+                                            *overrides])  # fmt: skip
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    dist = init_distributed(config)
+    if resume_from and dist.rank == 0:
+        source = Path(resume_from)
+        save = Path(output_dir) / "checkpoints"
+        save.mkdir(parents=True)
+        shutil.copytree(source, save / f"{source.name}{PARTIAL}")
+        finalize(save / f"{source.name}{PARTIAL}", save / source.name)
+    torch.distributed.barrier()
+    history = train_loop(config, dist, resume=resume_from is not None)
+    return {"steps": [s.step for s in history], "losses": [s.loss for s in history],
+            "grad_norms": [s.grad_norm for s in history]}  # fmt: skip
+
+
+def load_weights(*, output_dir: str, checkpoint: str, overrides: list[str] = ()) -> dict:
+    """The model weights after `checkpoint.load` of `checkpoint`."""
+    _, _, t = _start(overrides, output_dir)
+    training_state.load_model(resolve_checkpoint(Path(checkpoint)), t)
+    return {"weights": _weights(t)}
+
+
+def mixed_images(*, output_dir: str) -> dict:
+    """One optimizer step over an image microbatch and a text-only one: on one rank both, on two ranks one each
+    (rank 1 has no image at all). Returns the gradients and the loss."""
+    config, dist, t = _start([], output_dir)
+    batches = [_first(config, text_only=False), _first(config, text_only=True)]
+    assert batches[0].has_images and not batches[1].has_images
+    mine = batches if dist.world_size == 1 else [batches[dist.rank]]
+    loss = forward_backward(config, t, mine)
+    torch.distributed.all_reduce(loss)
+    t.optimizer.step()
+    return {"gradients": _gradients(t), "loss_sum": loss.item()}
+
+
+def _first(config, *, text_only: bool):
+    from dataclasses import replace
+
+    loader = build_loader(replace(config, data=replace(config.data, text_only=text_only)))
+    try:
+        return next(loader)
+    finally:
+        loader.close()
+
+
+def transformers_parity(*, output_dir: str) -> dict:
+    """Gradients of one step over two microbatches, with the load-balancing loss on, against transformers'
+    Qwen3-VL-MoE with the same weights (loaded through `vlm-fsdp convert hf-to-fsdp`). The reference objective is
+    Megatron's: per microbatch, the summed token losses plus, for every MoE layer, its load-balancing loss times the
+    microbatch's tokens, all divided by the loss tokens of the step. Returns, per parameter, the largest gradient
+    difference relative to the largest reference gradient."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    from vlm_fsdp.checkpoint.hf_import import write_model_checkpoint
+    from vlm_fsdp.model.hf_config import hf_config_dict
+    from vlm_fsdp.model.hf_mapping import mapping
+
+    from tests.parity import samples
+
+    config, _, t = _start([], output_dir)
+    m = config.model
+    torch.manual_seed(0)
+    hf = Qwen3VLMoeForConditionalGeneration._from_config(Qwen3VLMoeConfig(**hf_config_dict(m)), dtype=torch.float32)
+    hf.save_pretrained(Path(output_dir) / "hf")
+    checkpoint = write_model_checkpoint(Path(output_dir) / "hf", Path(output_dir) / "hf_import", m, point_latest=False)
+    training_state.load_model(checkpoint, t)
+    loader = build_loader(config)
+    try:
+        batches = [next(loader) for _ in range(2)]
+    finally:
+        loader.close()
+    forward_backward(config, t, batches)
+    ours = _gradients(t)
+
+    hf.config._attn_implementation = "eager"
+    loss_tokens = sum(b.num_loss_tokens for b in batches)
+    objective = torch.zeros(())
+    for batch in batches:
+        layer_logits = [[] for _ in range(m.num_layers)]
+        for row, first, last, labels, inputs in samples(batch, config, padding=True):
+            if "pixel_values" not in inputs:
+                inputs["position_ids"] = batch.position_ids[:, row : row + 1, first:last]
+            out = hf(**inputs, output_router_logits=True)
+            target = labels != -100
+            if target.any():
+                objective = objective + torch.nn.functional.cross_entropy(
+                    out.logits[0][target], labels[target], reduction="sum"
+                )
+            for layer, logits in enumerate(out.router_logits):
+                layer_logits[layer].append(logits)
+        tokens = batch.input_ids.numel()
+        for logits in layer_logits:
+            probs = torch.softmax(torch.cat(logits).float(), dim=-1)
+            routed = torch.zeros_like(probs).scatter_(1, probs.topk(m.moe_router_topk, dim=-1).indices, 1.0)
+            scale = m.num_moe_experts * m.moe_aux_loss_coeff / (m.moe_router_topk * tokens * tokens)
+            objective = objective + tokens * scale * (probs.sum(0) * routed.sum(0)).sum()
+    (objective / loss_tokens).backward()
+    hf_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in hf.named_parameters()}
+    differences = {}
+    for entry in mapping(m):
+        expected = entry.to_ours([hf_grads[n] for n in entry.hf], m)
+        got = ours[entry.ours].reshape(expected.shape)
+        differences[entry.ours] = ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+    return {"relative_differences": differences}

@@ -1,0 +1,253 @@
+"""More than one rank, on CPU processes over gloo (`tests.gloo`): the real model, Megatron-FSDP wrap, distributed
+optimizer, expert-parallel all-to-all, training loop and checkpoints, on the tiny recipe in fp32 with 512-token
+sequences and the bundled data, four sequences per optimizer step.
+
+- The gradients and loss of the first step at DP 2, DP 4, EP 2 (all-to-all and all-gather dispatch), DP 2 x EP 2,
+  hybrid sharding (2 x 2) and unsharded DP 2 / DP 4 equal the single-process run's (fp32: relative 1e-5; the initial
+  weights are bit-identical), with the load-balancing loss on.
+- A checkpoint saved at one layout resumes at another (2 -> 1, 2 -> 4, 2 -> hybrid 2 x 2, 1 -> DP 2 x EP 2,
+  DP 2 x EP 2 -> 1, 1 -> EP 2) and the losses follow the uninterrupted single-process run's; on the same layout they
+  are identical.
+- A step where one rank has images and the other none gives the single-process gradients.
+- The first step's gradients with the load-balancing loss on equal transformers' for Megatron's objective.
+- Hugging Face weights load into an expert-parallel run; an expert-parallel checkpoint converts to Hugging Face
+  and back bitwise, and `inspect` reads it.
+
+Each world size starts its processes once and runs its jobs in turn (about five minutes in all on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from vlm_fsdp.cli.main import main
+
+from tests.gloo.ranks import run_ranks
+
+pytestmark = pytest.mark.slow
+
+EP2 = ["model.expert_model_parallel_size=2"]
+ALLGATHER = [*EP2, "model.moe_token_dispatcher_type=allgather"]
+HYBRID = ["ddp.num_distributed_optimizer_instances=2"]
+NO_SHARD = ["ddp.data_parallel_sharding_strategy=no_shard", "model.init_model_with_meta_device=false"]
+GRADIENT_BOUND = 1e-5  # largest difference relative to the largest reference gradient of a parameter (fp32)
+NORM_BOUND = 1e-4  # fp32 norms on the CPU accumulate in single precision: they move with the sharding
+LOSS_BOUND = 1e-6  # measured: within 2e-7 on every layout
+
+
+def _step2(run_dir: Path) -> str:
+    return str(run_dir / "checkpoints" / "iter_0000002")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ranks")
+
+
+@pytest.fixture(scope="module")
+def hf_model(dirs) -> Path:
+    """A random Hugging Face Qwen3-VL-MoE of the tiny architecture (fp32), converted with `hf-to-fsdp`."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    from vlm_fsdp.config import load_config
+    from vlm_fsdp.model.hf_config import hf_config_dict
+
+    from tests.gloo.scenarios import BASE
+
+    model = load_config("tiny", overrides=BASE).model
+    torch.manual_seed(1)
+    hf = Qwen3VLMoeForConditionalGeneration._from_config(Qwen3VLMoeConfig(**hf_config_dict(model)), dtype=torch.float32)
+    hf.save_pretrained(dirs / "hf")
+    assert main(["convert", "hf-to-fsdp", "--hf", str(dirs / "hf"), "--out", str(dirs / "hf_converted")]) == 0
+    return dirs / "hf"
+
+
+def _world(size: int, directory: Path, jobs: dict[str, tuple[str, dict]]) -> dict:
+    """Run `jobs` (name -> (scenario, keyword arguments); `output_dir` is added) on `size` ranks."""
+    ordered = [(scenario, {"output_dir": str(directory / name), **kwargs}) for name, (scenario, kwargs) in jobs.items()]
+    return dict(zip(jobs, run_ranks(size, ordered, directory / "results"), strict=True)) | {"dir": directory}
+
+
+@pytest.fixture(scope="module")
+def one(dirs) -> dict:
+    return _world(
+        1,
+        dirs / "w1",
+        {
+            "first": ("first_step", {}),
+            "run": ("run", {}),
+            "mixed": ("mixed_images", {}),
+            "parity": ("transformers_parity", {}),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def two(dirs, one, hf_model) -> dict:
+    d = dirs / "w2"
+    return _world(
+        2,
+        d,
+        {
+            "dp2": ("first_step", {}),
+            "ep2": ("first_step", {"overrides": EP2}),
+            "ep2_allgather": ("first_step", {"overrides": ALLGATHER}),
+            "no_shard": ("first_step", {"overrides": NO_SHARD}),
+            "run_dp2": ("run", {}),
+            "resumed_dp2": ("run", {"resume_from": _step2(d / "run_dp2")}),
+            "run_ep2": ("run", {"overrides": EP2}),
+            "one_to_ep2": ("run", {"overrides": EP2, "resume_from": _step2(one["dir"] / "run")}),
+            "mixed": ("mixed_images", {}),
+            "hf_into_ep2": ("load_weights", {"overrides": EP2, "checkpoint": str(hf_model.parent / "hf_converted")}),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def four(dirs, one, two) -> dict:
+    return _world(
+        4,
+        dirs / "w4",
+        {
+            "dp4": ("first_step", {}),
+            "dp2ep2": ("first_step", {"overrides": EP2}),
+            "no_shard": ("first_step", {"overrides": NO_SHARD}),
+            "hybrid": ("first_step", {"overrides": HYBRID}),
+            "run_dp2ep2": ("run", {"overrides": EP2}),
+            "two_to_four": ("run", {"resume_from": _step2(two["dir"] / "run_dp2")}),
+            "one_to_dp2ep2": ("run", {"overrides": EP2, "resume_from": _step2(one["dir"] / "run")}),
+            "two_to_hybrid": ("run", {"overrides": HYBRID, "resume_from": _step2(two["dir"] / "run_dp2")}),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def one_again(dirs, two, four) -> dict:
+    return _world(
+        1,
+        dirs / "w1b",
+        {
+            "two_to_one": ("run", {"resume_from": _step2(two["dir"] / "run_dp2")}),
+            "dp2ep2_to_one": ("run", {"resume_from": _step2(four["dir"] / "run_dp2ep2")}),
+        },
+    )
+
+
+def _assert_same_gradients(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(reference)
+    for name, expected in reference.items():
+        error = (got[name] - expected).abs().max() / expected.abs().max().clamp(min=1e-12)
+        assert error < GRADIENT_BOUND, (name, error.item())
+
+
+@pytest.mark.parametrize(
+    ("world", "layout"),
+    [
+        (2, "dp2"),
+        (2, "ep2"),
+        (2, "ep2_allgather"),
+        (2, "no_shard"),
+        (4, "dp4"),
+        (4, "dp2ep2"),
+        (4, "no_shard"),
+        (4, "hybrid"),
+    ],
+)
+def test_first_step_equals_the_single_process_run(one, two, four, world, layout):
+    reference, got = one["first"], {2: two, 4: four}[world][layout]
+    for name, tensor in reference["initial"].items():
+        assert torch.equal(got["initial"][name], tensor), f"initial {name}"
+    _assert_same_gradients(reference["gradients"], got["gradients"])
+    assert got["loss"] == pytest.approx(reference["loss"], rel=LOSS_BOUND)
+    assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=NORM_BOUND)
+
+
+def test_ranks_get_comparable_image_patches(two, four):
+    for patches in (two["dp2"]["patches"], four["dp4"]["patches"]):
+        assert min(patches) > 0 and max(patches) / min(patches) < 1.1, patches
+
+
+def test_a_run_resumed_on_its_own_layout_continues_exactly(two):
+    full, resumed = two["run_dp2"], two["resumed_dp2"]
+    assert resumed["steps"] == [3, 4]
+    assert resumed["losses"] == full["losses"][2:]
+    assert resumed["grad_norms"] == full["grad_norms"][2:]
+
+
+def test_runs_on_every_layout_follow_the_single_process_losses(one, two, four):
+    reference = one["run"]["losses"]
+    assert len(reference) == 4
+    for run in (two["run_dp2"], two["run_ep2"], four["run_dp2ep2"]):
+        assert run["losses"] == pytest.approx(reference, rel=LOSS_BOUND)
+
+
+@pytest.mark.parametrize(
+    "case", ["one_to_ep2", "two_to_four", "one_to_dp2ep2", "two_to_hybrid", "two_to_one", "dp2ep2_to_one"]
+)
+def test_a_checkpoint_resumes_at_another_layout(one, two, four, one_again, case):
+    resumed = (two | four | one_again)[case]
+    assert resumed["steps"] == [3, 4]
+    assert resumed["losses"] == pytest.approx(one["run"]["losses"][2:], rel=LOSS_BOUND)
+
+
+def test_a_rank_without_images_takes_part_in_the_step(one, two):
+    _assert_same_gradients(one["mixed"]["gradients"], two["mixed"]["gradients"])
+    assert two["mixed"]["loss_sum"] == pytest.approx(one["mixed"]["loss_sum"], rel=LOSS_BOUND)
+
+
+def test_load_balancing_loss_gradients_equal_transformers(one):
+    differences = one["parity"]["relative_differences"]
+    assert len(differences) > 50
+    worst = max(differences, key=differences.get)
+    assert differences[worst] < 2e-5, (worst, differences[worst])  # measured: 2.2e-6
+
+
+def test_hugging_face_weights_load_into_an_expert_parallel_run(two, hf_model):
+    from safetensors.torch import load_file
+    from vlm_fsdp.config import load_config
+    from vlm_fsdp.model.hf_mapping import mapping
+
+    from tests.gloo.scenarios import BASE
+
+    model = load_config("tiny", overrides=BASE).model
+    hf = {}
+    for file in hf_model.glob("*.safetensors"):
+        hf |= load_file(file)
+    weights = two["hf_into_ep2"]["weights"]
+    for entry in mapping(model):
+        expected = entry.to_ours([hf[n] for n in entry.hf], model)
+        assert torch.equal(weights[entry.ours].reshape(expected.shape), expected), entry.ours
+
+
+def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    state = {
+        "model": {
+            k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            for k, m in metadata.items()
+            if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+        }
+    }
+    dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+    return state["model"]
+
+
+def test_an_expert_parallel_checkpoint_converts_to_hugging_face_and_back_bitwise(two, tmp_path, capsys):
+    checkpoint = Path(_step2(two["dir"] / "run_ep2"))
+    assert main(["inspect", str(checkpoint), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["step"] == 2 and report["ranks_with_rng_state"] == [0, 1] and not report["problems"]
+    experts = {t["name"]: t for t in report["tensors"] if t["name"].endswith("mlp.experts.gate_up_proj")}
+    assert experts and all(t["shape"][0] == 8 and t["sharding"].startswith("2 pieces") for t in experts.values())
+    exported, back = tmp_path / "hf", tmp_path / "back"
+    assert main(["convert", "fsdp-to-hf", "--ckpt", str(checkpoint), "--out", str(exported), "--dtype", "float32"]) == 0
+    assert main(["convert", "hf-to-fsdp", "--hf", str(exported), "--out", str(back)]) == 0
+    original, converted = _model_tensors(checkpoint), _model_tensors(back)
+    assert sorted(original) == sorted(converted)
+    for name, tensor in original.items():
+        assert torch.equal(converted[name], tensor), name
