@@ -71,3 +71,55 @@ def test_recipes_lists_recipes_with_summaries(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "qwen3_vl_235b_a22b" in out and "Qwen3-VL-235B-A22B-Instruct" in out
+
+
+def test_recipes_show_the_whole_first_paragraph_of_the_docstring(capsys):
+    assert main(["recipes"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny "))
+    assert line.endswith(
+        "a one-GPU smoke run of 100 steps (about a minute of steps on an H100, two minutes with start-up)."
+    )
+
+
+def test_bad_config_input_gives_one_line_and_exit_2_without_traceback():
+    result = run_cli("config", "train.micro_batch_size=0", "model.seq_length=!!bool 1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("vlm-fsdp config: error: override 'model.seq_length=!!bool 1': YAML tags")
+
+
+def slurm_args(root, recipe: str, nodes: int, gpus_per_node: int = 8) -> list[str]:
+    layout = ["--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
+    return ["slurm", "--recipe", recipe, *layout, "--config-file", str(root / "recipes" / f"{recipe}_mfsdp.yaml")]
+
+
+def test_slurm_refuses_a_layout_that_does_not_fit_in_memory(capsys, root):
+    assert main(slurm_args(root, "qwen3_vl_30b_a3b", 1)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "1 x 8 GPUs: DOES NOT FIT in memory:" in captured.err
+    assert "Suggestion: the same config fits on 16 GPUs (2 expert-parallel groups of 8)" in captured.err
+    assert "vlm-fsdp plan --recipe qwen3_vl_30b_a3b --gpus 8 --gpu-memory 80" in captured.err
+
+
+def test_slurm_takes_the_memory_of_larger_gpus(capsys, root):
+    assert main(slurm_args(root, "qwen3_vl_235b_a22b", 4)) == 2
+    assert "DOES NOT FIT in memory" in capsys.readouterr().err
+    assert main([*slurm_args(root, "qwen3_vl_235b_a22b", 4), "--gpu-memory", "180"]) == 0
+    assert capsys.readouterr().out.startswith("#!/bin/bash\n# qwen3_vl_235b_a22b - ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], "--nodes must be between 1 and 1,048,576, got 0"),
+        (["--nodes", "2", "--gpus-per-node", "0"], "--gpus-per-node must be between 1 and 1,024, got 0"),
+        (["--nodes", "1048576", "--gpus-per-node", "8"], "--nodes x --gpus-per-node must be between 1 and 1,048,576"),
+        (["--nodes", "1", "--gpu-memory", "nan"], "--gpu-memory must be a positive number of GiB"),
+    ],
+)
+def test_slurm_refuses_bad_sizes(capsys, args, message):
+    assert main(["slurm", "--recipe", "tiny", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from vlm_fsdp.cli.main import main
@@ -101,3 +102,91 @@ def test_huge_model_does_not_fit_one_gpu(capsys):
     code, plan = plan_json(capsys, "--recipe", "qwen3_vl_235b_a22b", "train.global_batch_size=1")
     assert code == 1 and plan["fits"] is False and plan["layout"]["problems"] == []
     assert plan["memory_gib"]["total"] > 1000
+
+
+def test_verdict_says_the_layout_is_why(capsys):
+    code, plan = plan_json(capsys, "--recipe", "qwen3_vl_30b_a3b", "--gpus", "6", "model.expert_model_parallel_size=4")
+    assert code == 1 and plan["fits"] is False
+    assert plan["verdict"] == "invalid_layout" and plan["layout"]["problems"]
+    main(["plan", "--recipe", "qwen3_vl_30b_a3b", "--gpus", "6", "model.expert_model_parallel_size=4"])
+    assert "Verdict: DOES NOT FIT: the layout is invalid on 6 GPU(s)" in capsys.readouterr().out
+
+
+def test_verdict_says_memory_is_why_and_suggests_a_layout_that_fits(capsys, root):
+    args = ["--recipe", "qwen3_vl_30b_a3b", "--config-file", str(root / "recipes/qwen3_vl_30b_a3b_mfsdp.yaml")]
+    args += ["--gpus", "8"]
+    code, plan = plan_json(capsys, *args)
+    assert code == 1 and plan["verdict"] == "out_of_memory" and plan["memory_fits"] is False
+    suggestion = plan["suggestion"]
+    assert suggestion["gpus"] == 16 and suggestion["problems"] == []
+    assert suggestion["total_gib"] <= plan["memory_gib"]["usable"]
+    _, there = plan_json(capsys, *args[:-1], "16")
+    assert there["fits"] is True and there["suggestion"] is None
+    assert main(["plan", *args]) == 1
+    out = capsys.readouterr().out
+    assert "Verdict: DOES NOT FIT in memory:" in out
+    assert "Suggestion: the same config fits on 16 GPUs (2 expert-parallel groups of 8)" in out
+
+
+def test_a_suggestion_names_what_the_layout_needs_where_memory_fits(capsys, root):
+    args = ["--recipe", "qwen3_vl_235b_a22b", "--config-file", str(root / "recipes/qwen3_vl_235b_a22b_mfsdp.yaml")]
+    _, plan = plan_json(capsys, *args, "--gpus", "32")
+    suggestion = plan["suggestion"]
+    assert suggestion["gpus"] == 128
+    assert "train.global_batch_size=64 is not a multiple" in suggestion["problems"][0]
+    _, larger = plan_json(capsys, *args, "--gpus", "32", "--gpu-memory", "180")
+    assert larger["fits"] is True
+
+
+def test_no_layout_fits_when_activations_alone_are_too_large(capsys):
+    _, plan = plan_json(capsys, "model.seq_length=8192", "train.micro_batch_size=8", "--gpu-memory", "1")
+    assert plan["verdict"] == "out_of_memory"
+    assert plan["suggestion"]["gpus"] is None
+    main(["plan", "model.seq_length=8192", "train.micro_batch_size=8", "--gpu-memory", "1"])
+    assert "Suggestion: no layout of up to 65,536 GPUs fits" in capsys.readouterr().out
+
+
+def test_json_keeps_its_keys(capsys):
+    _, plan = plan_json(capsys)
+    assert {"recipe", "gpus", "parameters", "flops", "layout", "memory_gib", "fits"} <= set(plan)
+    assert {"memory_fits", "verdict", "suggestion"} <= set(plan)
+    assert plan["verdict"] == "fits" and plan["suggestion"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "0"], "--gpus must be between 1 and 1,048,576, got 0"),
+        (["--gpus", "10000000000"], "--gpus must be between 1 and 1,048,576"),
+        (["--gpu-memory", "nan"], "--gpu-memory must be a positive number of GiB"),
+        (["--gpu-memory", "inf"], "--gpu-memory must be a positive number of GiB"),
+        (["--gpu-memory", "-80"], "--gpu-memory must be a positive number of GiB"),
+    ],
+)
+def test_bad_command_line_numbers_are_refused(capsys, args, message):
+    assert main(["plan", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_largest_accepted_model_plans_quickly(capsys):
+    extreme = [
+        "--recipe",
+        "qwen3_vl_235b_a22b",
+        "model.vision.depth=1024",
+        "model.vision.deepstack_visual_indexes=[" + ", ".join(map(str, range(1000))) + "]",
+        "model.num_layers=100000",
+        "model.seq_length=16777216",
+        "model.max_position_embeddings=16777216",
+        "model.vocab_size=16777216",
+        "model.hidden_size=1048576",
+        "model.num_moe_experts=65536",
+        "model.moe_router_topk=65536",
+        "model.vision.hidden_size=1048576",
+        "model.vision.intermediate_size=1048576",
+        "train.micro_batch_size=16777216",
+        "train.global_batch_size=16777216",
+    ]
+    start = time.monotonic()
+    code, plan = plan_json(capsys, *extreme)
+    assert time.monotonic() - start < 2  # well under a second on a fast machine; 2 CPU cores are shared here
+    assert code == 1 and plan["verdict"] == "out_of_memory"

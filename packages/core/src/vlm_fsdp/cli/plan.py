@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlm_fsdp.cli.common import add_config_arguments, config_from_args
+from vlm_fsdp.cli.common import (
+    add_config_arguments,
+    add_gpu_memory_argument,
+    check_gpu_memory,
+    check_gpus,
+    config_from_args,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,18 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Count total and active parameters (vision / language dense / experts / embeddings), "
         "training FLOPs per text token and per vision patch, and per-GPU memory for weights, gradients, "
         "optimizer state, FSDP buffers and activations under the config's sharding strategy, expert "
-        "parallelism and recompute; check the layout against the number of GPUs and say whether it fits. "
-        "Exits 1 when the layout is invalid or does not fit.",
+        "parallelism and recompute; check the layout against the number of GPUs and say whether it fits, and "
+        "whether the reason is memory or the layout. When memory does not fit, suggest the smallest number of GPUs "
+        "(a power of two times the expert-parallel size) on which it does. Exits 1 when the layout is invalid or "
+        "does not fit.",
     )
     add_config_arguments(parser)
     parser.add_argument("--gpus", type=int, default=1, help="number of GPUs of the run (default: 1)")
-    parser.add_argument(
-        "--gpu-memory",
-        type=float,
-        default=80.0,
-        metavar="GiB",
-        help="memory of one GPU in GiB (default: 80, an H100)",
-    )
+    add_gpu_memory_argument(parser)
     parser.add_argument(
         "--image-share",
         type=float,
@@ -41,14 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlm_fsdp.errors import UserError
-    from vlm_fsdp.plan.report import make_plan, render_plan
+    from vlm_fsdp.plan.report import default_image_share, make_plan, render_plan
 
-    if args.gpus < 1:
-        raise UserError("--gpus must be at least 1")
-    if args.gpu_memory <= 0:
-        raise UserError("--gpu-memory must be positive")
+    check_gpus("--gpus", args.gpus)
+    check_gpu_memory(args.gpu_memory)
     config = config_from_args(args)
-    share = args.image_share if args.image_share is not None else (0.0 if config.data.text_only else 0.5)
+    share = args.image_share if args.image_share is not None else default_image_share(config)
     if not 0 <= share <= 1:
         raise UserError("--image-share must be between 0 and 1")
     plan = make_plan(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, image_share=share)

@@ -9,8 +9,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "recipes",
         help="list the installed recipes",
-        description="List every recipe registered under the `vlm_fsdp.recipes` entry-point group, with its "
-        "summary. Pass one to train, plan or config with --recipe NAME.",
+        description="List every recipe registered under the `vlm_fsdp.recipes` entry-point group, one per line "
+        "with its summary (the first paragraph of the recipe function's docstring). Pass one to train, plan or "
+        "config with --recipe NAME.",
     )
     parser.set_defaults(func=run)
 

@@ -7,32 +7,47 @@ that seed recipes and command lines carry over; `vlm_fsdp.model.hf_config` maps 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from vlm_fsdp.config.fields import Length, Range
+
+# Upper bounds of the architecture and layout fields: far above any real model (a 10T-parameter one needs a few
+# hundred layers of width 32K), and small enough that every count and estimate stays exact and quick.
+MAX_WIDTH = 2**20
+MAX_HEADS = 2**16
+MAX_LAYERS = 100_000
+MAX_VISION_DEPTH = 1024  # `plan` lists every vision block's tensors
+MAX_EXPERTS = 2**16
+MAX_VOCAB = 2**24
+MAX_TOKENS = 2**24
+MAX_GPUS = 2**20
 
 
 @dataclass(kw_only=True)
 class VisionConfig:
     """The Qwen3-VL vision tower (a ViT with 2D RoPE, patch merger and DeepStack mergers)."""
 
-    depth: int = 27
+    depth: Annotated[int, Range(ge=1, le=MAX_VISION_DEPTH)] = 27
     """Number of transformer blocks in the vision tower."""
-    hidden_size: int = 1152
+    hidden_size: Annotated[int, Range(ge=1, le=MAX_WIDTH)] = 1152
     """Width of the vision transformer."""
-    intermediate_size: int = 4304
+    intermediate_size: Annotated[int, Range(ge=1, le=MAX_WIDTH)] = 4304
     """Hidden width of each vision MLP."""
-    num_heads: int = 16
+    num_heads: Annotated[int, Range(ge=1, le=MAX_HEADS)] = 16
     """Attention heads per vision block."""
-    in_channels: int = 3
+    in_channels: Annotated[int, Range(ge=1, le=64)] = 3
     """Image channels (RGB)."""
-    patch_size: int = 16
+    patch_size: Annotated[int, Range(ge=1, le=1024)] = 16
     """Side of a square image patch, in pixels."""
-    temporal_patch_size: int = 2
+    temporal_patch_size: Annotated[int, Range(ge=1, le=64)] = 2
     """Frames per patch along time; a still image is repeated to fill it."""
-    spatial_merge_size: int = 2
+    spatial_merge_size: Annotated[int, Range(ge=1, le=64)] = 2
     """Patches merged per side into one language token (2 means 2x2 patches -> 1 token)."""
-    num_position_embeddings: int = 2304
+    num_position_embeddings: Annotated[int, Range(ge=1, le=MAX_TOKENS)] = 2304
     """Size of the learned position-embedding grid (a 48x48 grid, interpolated to each image)."""
-    deepstack_visual_indexes: list[int] = field(default_factory=lambda: [8, 16, 24])
+    deepstack_visual_indexes: Annotated[
+        list[Annotated[int, Range(ge=0, lt=MAX_VISION_DEPTH)]], Length(max=MAX_VISION_DEPTH, what="indexes")
+    ] = field(default_factory=lambda: [8, 16, 24])
     """Vision blocks whose outputs are merged and added to the first decoder layers' hidden states (DeepStack)."""
     hidden_act: str = "gelu_pytorch_tanh"
     """Activation of the vision MLPs (a transformers activation name)."""
@@ -43,45 +58,47 @@ class ModelConfig:
     """A Qwen3-VL mixture-of-experts vision-language model and how it is laid out on GPUs."""
 
     # --- language decoder architecture ---
-    vocab_size: int = 151936
+    vocab_size: Annotated[int, Range(ge=1, le=MAX_VOCAB)] = 151936
     """Rows of the token embedding and the output layer."""
-    hidden_size: int = 2048
+    hidden_size: Annotated[int, Range(ge=1, le=MAX_WIDTH)] = 2048
     """Width of the language decoder."""
-    num_layers: int = 48
+    num_layers: Annotated[int, Range(ge=1, le=MAX_LAYERS)] = 48
     """Decoder layers; every layer has a mixture-of-experts MLP."""
-    num_attention_heads: int = 32
+    num_attention_heads: Annotated[int, Range(ge=1, le=MAX_HEADS)] = 32
     """Query heads per attention layer."""
-    num_query_groups: int = 4
+    num_query_groups: Annotated[int, Range(ge=1, le=MAX_HEADS)] = 4
     """Key/value heads (grouped-query attention)."""
-    kv_channels: int = 128
+    kv_channels: Annotated[int, Range(ge=1, le=MAX_HEADS)] = 128
     """Width of one attention head."""
-    ffn_hidden_size: int = 6144
+    ffn_hidden_size: Annotated[int, Range(ge=1, le=MAX_WIDTH)] = 6144
     """Dense-MLP width recorded in the Hugging Face config; Qwen3-VL-MoE layers all use experts instead."""
-    num_moe_experts: int = 128
+    num_moe_experts: Annotated[int, Range(ge=1, le=MAX_EXPERTS)] = 128
     """Routed experts per MoE layer."""
-    moe_ffn_hidden_size: int = 768
+    moe_ffn_hidden_size: Annotated[int, Range(ge=1, le=MAX_WIDTH)] = 768
     """Hidden width of one expert's SwiGLU MLP."""
-    moe_router_topk: int = 8
+    moe_router_topk: Annotated[int, Range(ge=1, le=MAX_EXPERTS)] = 8
     """Experts each token is routed to (softmax router, top-k probabilities renormalised)."""
-    moe_aux_loss_coeff: float = 0.001
+    moe_aux_loss_coeff: Annotated[float, Range(ge=0, le=10)] = 0.001
     """Weight of the load-balancing auxiliary loss."""
-    norm_epsilon: float = 1e-6
+    norm_epsilon: Annotated[float, Range(gt=0, le=1)] = 1e-6
     """Epsilon of the RMSNorm layers (including QK-norm)."""
-    rotary_base: float = 5_000_000.0
+    rotary_base: Annotated[float, Range(gt=1, le=1e12)] = 5_000_000.0
     """RoPE base frequency."""
-    mrope_section: list[int] = field(default_factory=lambda: [24, 20, 20])
+    mrope_section: Annotated[
+        list[Annotated[int, Range(ge=0, le=MAX_HEADS)]], Length(min=3, max=3, what="sections (time, height, width)")
+    ] = field(default_factory=lambda: [24, 20, 20])
     """Rotary frequency pairs given to the (time, height, width) position ids; sums to kv_channels / 2."""
-    max_position_embeddings: int = 262144
+    max_position_embeddings: Annotated[int, Range(ge=1, le=MAX_TOKENS)] = 262144
     """Longest context the position encoding is configured for."""
     untie_embeddings_and_output_weights: bool = True
     """Keep the output layer separate from the input embedding."""
-    image_token_id: int = 151655
+    image_token_id: Annotated[int, Range(ge=0, lt=MAX_VOCAB)] = 151655
     """Token id of an image placeholder (`<|image_pad|>`); one per merged image token."""
-    video_token_id: int = 151656
+    video_token_id: Annotated[int, Range(ge=0, lt=MAX_VOCAB)] = 151656
     """Token id of a video placeholder (`<|video_pad|>`)."""
-    vision_start_token_id: int = 151652
+    vision_start_token_id: Annotated[int, Range(ge=0, lt=MAX_VOCAB)] = 151652
     """Token id that opens an image span (`<|vision_start|>`)."""
-    vision_end_token_id: int = 151653
+    vision_end_token_id: Annotated[int, Range(ge=0, lt=MAX_VOCAB)] = 151653
     """Token id that closes an image span (`<|vision_end|>`)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """The vision tower."""
@@ -91,22 +108,22 @@ class ModelConfig:
     architecture must match this config."""
 
     # --- sequence and precision ---
-    seq_length: int = 4096
+    seq_length: Annotated[int, Range(ge=1, le=MAX_TOKENS)] = 4096
     """Tokens per packed training sequence."""
     bf16: bool = True
     """Train in bfloat16 (fp32 main weights are kept by the optimizer)."""
 
     # --- parallel layout (names as in Megatron-Bridge) ---
-    tensor_model_parallel_size: int = 1
+    tensor_model_parallel_size: Annotated[int, Range(ge=1, le=MAX_GPUS)] = 1
     """Tensor-parallel group size; only 1 is implemented (shard with Megatron-FSDP instead)."""
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: Annotated[int, Range(ge=1, le=MAX_GPUS)] = 1
     """Pipeline stages; Megatron-FSDP needs 1."""
-    context_parallel_size: int = 1
+    context_parallel_size: Annotated[int, Range(ge=1, le=MAX_GPUS)] = 1
     """Context-parallel group size (splits the sequence); only 1 is implemented."""
-    expert_model_parallel_size: int = 1
+    expert_model_parallel_size: Annotated[int, Range(ge=1, le=MAX_GPUS)] = 1
     """Expert-parallel group size: each MoE layer's experts are split over this many consecutive GPUs; must divide
     num_moe_experts and the number of GPUs."""
-    expert_tensor_parallel_size: int = 1
+    expert_tensor_parallel_size: Annotated[int, Range(ge=1, le=MAX_GPUS)] = 1
     """Tensor-parallel size inside each expert; only 1 is implemented."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     """How tokens reach their experts across expert-parallel ranks; with expert_model_parallel_size 1 they are
@@ -123,7 +140,7 @@ class ModelConfig:
     """Activation recompute: `full` recomputes whole layers, `selective` only attention internals, null none."""
     recompute_method: Literal["uniform", "block"] | None = None
     """With full recompute: `uniform` checkpoints groups of recompute_num_layers, `block` the first N layers."""
-    recompute_num_layers: int | None = None
+    recompute_num_layers: Annotated[int, Range(ge=1, le=MAX_LAYERS)] | None = None
     """With full recompute: layers per group (uniform) or layers recomputed (block)."""
     init_model_with_meta_device: bool | None = None
     """Build the model on the meta device and materialise it shard by shard; null: on with Megatron-FSDP."""

@@ -9,8 +9,11 @@ A recipe is a function that takes no arguments and returns a `Config`. A package
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
 from importlib.metadata import entry_points
 
+from vlm_fsdp.config.fields import shorten
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.errors import ConfigError
 
@@ -28,9 +31,9 @@ def load_recipe(name: str) -> Config:
     found = [ep for ep in entry_points(group=GROUP) if ep.name == name]
     if not found:
         names = recipe_names()
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) if len(name) <= 200 else []
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown recipe '{name}'.{hint} Installed recipes: {', '.join(names) or 'none'}")
+        raise ConfigError(f"unknown recipe {shorten(name)}.{hint} Installed recipes: {', '.join(names) or 'none'}")
     config = found[0].load()()
     if not isinstance(config, Config):
         raise ConfigError(f"recipe '{name}' ({found[0].value}) returned {type(config).__name__}, not a Config")
@@ -39,7 +42,7 @@ def load_recipe(name: str) -> Config:
 
 
 def recipe_summary(name: str) -> str:
-    """First line of a recipe function's docstring."""
+    """The first paragraph of a recipe function's docstring, on one line."""
     (ep,) = [ep for ep in entry_points(group=GROUP) if ep.name == name][:1]
-    doc = ep.load().__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    doc = inspect.cleandoc(ep.load().__doc__ or "")
+    return " ".join(re.split(r"\n\s*\n", doc, maxsplit=1)[0].split())

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from vlm_fsdp.config.model import ModelConfig
+from vlm_fsdp.config.fields import Length, Range
+from vlm_fsdp.config.model import MAX_GPUS, ModelConfig
+
+# Upper bounds of counts of steps and samples: far above any run, small enough for exact arithmetic.
+MAX_STEPS = 10**9
+MAX_BATCH = 2**24
+MAX_PIXELS = 2**30
+MAX_IMAGE_SIDE = 2**15
 
 ShardingStrategy = Literal["no_shard", "optim", "optim_grads", "optim_grads_params"]
 
@@ -22,32 +29,35 @@ class DataConfig:
     tokenizer: str | None = None
     """A `tokenizer.json`, or a Hugging Face model directory holding one (its `preprocessor_config.json` then sets
     the image normalisation and pixel limits); null: the bundled tokenizer, or model.hf_path's when set."""
-    num_workers: int = 2
+    num_workers: Annotated[int, Range(ge=0, le=1024)] = 2
     """Data-loading worker processes per rank (started with forkserver); 0 decodes in the training process."""
-    prefetch_factor: int = 2
+    prefetch_factor: Annotated[int, Range(ge=1, le=1024)] = 2
     """Microbatches each worker prepares ahead of the training loop."""
-    timeout_seconds: float = 120.0
+    timeout_seconds: Annotated[float, Range(gt=0, le=7 * 24 * 3600)] = 120.0
     """Fail with an error when the workers deliver no microbatch for this long."""
     strict: bool = False
     """Stop with an error at the first unusable sample (corrupt or missing image, too long); false: skip it,
     count it and log its id."""
-    image_buckets: list[list[int]] = field(
+    image_buckets: Annotated[
+        list[Annotated[list[Annotated[int, Range(ge=1, le=MAX_IMAGE_SIDE)]], Length(2, 2, "sides [height, width]")]],
+        Length(max=1024, what="buckets"),
+    ] = field(
         default_factory=lambda: [[672, 672], [576, 768], [768, 576], [544, 832], [832, 544], [512, 896], [896, 512]]
     )
     """Allowed image sizes as [height, width] pairs (multiples of patch size x merge size, 32): every image is
     resized to the one closest in aspect ratio, then in area. The default, 1,728-1,792 patches (432-448 tokens)
     each, puts about 8 photos into a 4096-token sequence. An empty list keeps each image's own size (Qwen's resize
     within min/max pixels: many distinct shapes)."""
-    min_pixels: int | None = None
+    min_pixels: Annotated[int, Range(ge=1, le=MAX_PIXELS)] | None = None
     """Smallest image area (pixels) of Qwen's resize rule; null: the model directory's preprocessor setting, else
     Qwen3-VL's 65,536."""
-    max_pixels: int | None = None
+    max_pixels: Annotated[int, Range(ge=1, le=MAX_PIXELS)] | None = None
     """Largest image area (pixels) of Qwen's resize rule; null: the model directory's preprocessor setting, else
     Qwen3-VL's 16,777,216."""
-    max_patches_per_microbatch: int | None = None
+    max_patches_per_microbatch: Annotated[int, Range(ge=1, le=MAX_PIXELS)] | None = None
     """Vision patch budget of one microbatch (each packed sequence gets an equal share); null: bounded only by
     model.seq_length (4 patches per image token)."""
-    packing_window: int = 32
+    packing_window: Annotated[int, Range(ge=1, le=65536)] = 32
     """Sequences planned together: samples are taken in order until they fill this many sequences of
     model.seq_length tokens, then packed by first-fit decreasing (more: fuller sequences, longer look-ahead)."""
 
@@ -56,21 +66,24 @@ class DataConfig:
 class TrainConfig:
     """The step loop."""
 
-    train_iters: int = 100
+    train_iters: Annotated[int, Range(ge=1, le=MAX_STEPS)] = 100
     """Optimizer steps to run."""
-    global_batch_size: int = 8
+    global_batch_size: Annotated[int, Range(ge=1, le=MAX_BATCH)] = 8
     """Sequences per optimizer step, summed over data-parallel ranks and accumulated microbatches."""
-    micro_batch_size: int = 1
+    micro_batch_size: Annotated[int, Range(ge=1, le=MAX_BATCH)] = 1
     """Sequences per forward/backward pass on one rank."""
-    eval_interval: int | None = None
+    eval_interval: Annotated[int, Range(ge=1, le=MAX_STEPS)] | None = None
     """Run validation every this many steps; null: never."""
-    eval_iters: int = 5
+    eval_iters: Annotated[int, Range(ge=1, le=MAX_STEPS)] = 5
     """Validation batches per evaluation."""
-    seed: int = 1234
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 1234
     """Seed of parameter initialisation, data order and dropout."""
     deterministic: bool = False
     """Use deterministic kernels only (slower; an operation without one is an error), so a run and its resumed copy
     match exactly."""
+    max_bad_steps: Annotated[int, Range(ge=1, le=MAX_STEPS)] = 3
+    """Stop with an error after this many optimizer steps in a row whose loss or gradient norm is not finite (each
+    such step is skipped: no update, the schedule does not advance)."""
     compile: bool = False
     """torch.compile the computation inside each Megatron-FSDP unit (vision blocks; decoder self-attention and
     experts) with dynamic shapes, so that new image sizes reuse the compiled code; the step log counts the compiled
@@ -84,25 +97,25 @@ class TrainConfig:
 class OptimizerConfig:
     """AdamW with linear warm-up and cosine decay."""
 
-    lr: float = 3e-4
+    lr: Annotated[float, Range(ge=0, le=1)] = 3e-4
     """Peak learning rate."""
-    min_lr: float = 3e-5
+    min_lr: Annotated[float, Range(ge=0, le=1)] = 3e-5
     """Learning rate at the end of the decay."""
-    lr_warmup_iters: int = 10
+    lr_warmup_iters: Annotated[int, Range(ge=0, le=MAX_STEPS)] = 10
     """Steps of linear warm-up from 0 to lr."""
-    lr_decay_iters: int | None = None
+    lr_decay_iters: Annotated[int, Range(ge=1, le=MAX_STEPS)] | None = None
     """Steps over which the rate decays to min_lr; null: train.train_iters."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape of the decay after warm-up."""
-    weight_decay: float = 0.1
+    weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.1
     """Decoupled weight decay (not applied to norms and biases)."""
-    adam_beta1: float = 0.9
+    adam_beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """Adam first-moment decay."""
-    adam_beta2: float = 0.95
+    adam_beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95
     """Adam second-moment decay."""
-    adam_eps: float = 1e-8
+    adam_eps: Annotated[float, Range(gt=0, le=1)] = 1e-8
     """Adam epsilon."""
-    clip_grad: float = 1.0
+    clip_grad: Annotated[float, Range(ge=0)] = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
 
@@ -119,7 +132,7 @@ class DDPConfig:
     outer_dp_sharding_strategy: Literal["no_shard", "optim"] = "no_shard"
     """Hybrid sharding: what is sharded across the outer data-parallel groups; only `no_shard` (replicas) is
     implemented."""
-    num_distributed_optimizer_instances: int = 1
+    num_distributed_optimizer_instances: Annotated[int, Range(ge=1, le=MAX_GPUS)] = 1
     """Data-parallel replicas of the sharded state (hybrid FSDP: shard inside a group, replicate across groups)."""
     use_distributed_optimizer: bool | None = None
     """Use Megatron's distributed optimizer, which Megatron-FSDP needs (false is refused); null: on."""
@@ -144,7 +157,7 @@ class DistConfig:
     it owns (see the user guide)."""
     use_torch_fsdp2: bool = False
     """Train with PyTorch FSDP2 instead (refused: not supported; kept so that Megatron-Bridge configs load)."""
-    distributed_timeout_minutes: int = 10
+    distributed_timeout_minutes: Annotated[int, Range(ge=1, le=7 * 24 * 60)] = 10
     """Timeout of collective operations before a rank gives up."""
 
 
@@ -156,12 +169,12 @@ class CheckpointConfig:
     """Directory to write checkpoints to; null: `<train.output_dir>/checkpoints`."""
     load: str | None = None
     """Checkpoint directory to start from (a training checkpoint or one made by `vlm-fsdp convert`)."""
-    save_interval: int | None = None
+    save_interval: Annotated[int, Range(ge=1, le=MAX_STEPS)] | None = None
     """Save every this many steps (and at the end); null: only at the end."""
     ckpt_format: Literal["fsdp_dtensor", "torch_dist"] | None = None
     """On-disk format: `fsdp_dtensor` (torch.distributed.checkpoint of DTensors) or Megatron's `torch_dist`;
     null: fsdp_dtensor with Megatron-FSDP."""
-    most_recent_k: int = 2
+    most_recent_k: Annotated[int, Range(ge=1, le=MAX_STEPS)] = 2
     """Keep this many most recent checkpoints; older ones are deleted after a successful save."""
 
 
@@ -169,7 +182,7 @@ class CheckpointConfig:
 class LoggerConfig:
     """Step log, TensorBoard and Weights & Biases."""
 
-    log_interval: int = 1
+    log_interval: Annotated[int, Range(ge=1, le=MAX_STEPS)] = 1
     """Print a step line every this many steps."""
     tensorboard_dir: str | None = None
     """TensorBoard event directory; null: `<train.output_dir>/tensorboard`."""

@@ -1,7 +1,13 @@
-"""Checks that a resolved config describes a model and layout that can run, with the reason when not."""
+"""Checks that a resolved config describes a model and layout that can run, with the reason when not.
+
+First every field against its type and the bounds declared next to it (`vlm_fsdp.config.fields`); then, only
+when those hold (the checks below divide by sizes and compare them), the combinations of fields and the layout.
+"""
 
 from __future__ import annotations
 
+from vlm_fsdp.config.fields import field_problems, shorten
+from vlm_fsdp.config.model import MAX_GPUS
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.errors import ConfigError
 
@@ -15,9 +21,19 @@ UNSPLIT = {
 
 def problems(config: Config, world_size: int | None = None) -> list[str]:
     """Every reason the config cannot run (on `world_size` GPUs, when given); empty when it can."""
-    m, v, ddp, out = config.model, config.model.vision, config.ddp, []
+    out = field_problems(config)
+    if out:
+        return out
+    out += backend_problems(config) + architecture_problems(config) + training_problems(config)
+    out += data_problems(config)
+    if world_size is not None:
+        out += layout_problems(config, world_size)
+    return out
 
-    # what this trainer implements: Megatron-FSDP with expert parallelism, nothing else
+
+def backend_problems(config: Config) -> list[str]:
+    """Settings this trainer does not implement: it trains with Megatron-FSDP and expert parallelism only."""
+    m, ddp, out = config.model, config.ddp, []
     if not config.dist.use_megatron_fsdp:
         out.append("dist.use_megatron_fsdp=false: vlm-fsdp trains with Megatron-FSDP only")
     if config.dist.use_torch_fsdp2:
@@ -71,15 +87,21 @@ def problems(config: Config, world_size: int | None = None) -> list[str]:
         )
     if ddp.nccl_ub and not ddp.fsdp_double_buffer:
         out.append("ddp.nccl_ub=true needs ddp.fsdp_double_buffer=true (registered buffers must be persistent)")
+    return out
 
-    # architecture
+
+def architecture_problems(config: Config) -> list[str]:
+    """Model sizes that do not fit together."""
+    m, v, out = config.model, config.model.vision, []
     if m.num_moe_experts % m.expert_model_parallel_size:
         out.append(
             f"model.expert_model_parallel_size={m.expert_model_parallel_size} does not divide "
             f"model.num_moe_experts={m.num_moe_experts}"
         )
-    if not 0 < m.moe_router_topk <= m.num_moe_experts:
-        out.append(f"model.moe_router_topk={m.moe_router_topk} must be between 1 and model.num_moe_experts")
+    if m.moe_router_topk > m.num_moe_experts:
+        out.append(
+            f"model.moe_router_topk={m.moe_router_topk} must be between 1 and model.num_moe_experts={m.num_moe_experts}"
+        )
     if m.num_attention_heads % m.num_query_groups:
         out.append(
             f"model.num_query_groups={m.num_query_groups} does not divide "
@@ -102,8 +124,12 @@ def problems(config: Config, world_size: int | None = None) -> list[str]:
             out.append(f"model.{name}={getattr(m, name)} is not below model.vocab_size={m.vocab_size}")
     if m.seq_length > m.max_position_embeddings:
         out.append(f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    return out
 
-    # training behaviour
+
+def training_problems(config: Config) -> list[str]:
+    """Freezing, recompute, batch and schedule settings that do not fit together."""
+    m, t, opt, out = config.model, config.train, config.optimizer, []
     if m.freeze_language_model and m.freeze_vision_model and m.freeze_vision_projection:
         out.append("every part of the model is frozen: nothing would be trained")
     if m.recompute_granularity == "full":
@@ -115,30 +141,46 @@ def problems(config: Config, world_size: int | None = None) -> list[str]:
         out.append(
             "model.recompute_method and model.recompute_num_layers apply only with model.recompute_granularity=full"
         )
-    t = config.train
-    for name in ("train_iters", "global_batch_size", "micro_batch_size", "eval_iters"):
-        if getattr(t, name) < 1:
-            out.append(f"train.{name} must be at least 1")
     if t.global_batch_size % t.micro_batch_size:
         out.append(
             f"train.micro_batch_size={t.micro_batch_size} does not divide train.global_batch_size={t.global_batch_size}"
         )
-    if config.optimizer.min_lr > config.optimizer.lr:
-        out.append("optimizer.min_lr is larger than optimizer.lr")
-    decay = config.optimizer.lr_decay_iters or t.train_iters
-    if config.optimizer.lr_warmup_iters >= decay:
+    if opt.min_lr > opt.lr:
+        out.append(f"optimizer.min_lr={opt.min_lr:g} is larger than optimizer.lr={opt.lr:g}; it must be at most lr")
+    decay = opt.lr_decay_iters or t.train_iters
+    if opt.lr_warmup_iters >= decay:
         out.append(
-            f"optimizer.lr_warmup_iters={config.optimizer.lr_warmup_iters} must be below the decay length {decay} "
+            f"optimizer.lr_warmup_iters={opt.lr_warmup_iters} must be below the decay length {decay} "
             "(optimizer.lr_decay_iters, or train.train_iters when that is null)"
         )
+    return out
 
-    if world_size is not None:
-        out += layout_problems(config, world_size)
+
+def data_problems(config: Config) -> list[str]:
+    """Reasons the image and batching settings of data.* do not fit the model and the batch."""
+    data, v, out = config.data, config.model.vision, []
+    if data.min_pixels is not None and data.max_pixels is not None and data.min_pixels > data.max_pixels:
+        out.append(f"data.min_pixels={data.min_pixels} is larger than data.max_pixels={data.max_pixels}")
+    factor = v.patch_size * v.spatial_merge_size
+    bad = [bucket for bucket in data.image_buckets if any(side % factor for side in bucket)]
+    if bad:
+        out.append(
+            f"data.image_buckets {shorten(bad)} are not [height, width] pairs of multiples of {factor} "
+            "(model.vision.patch_size x model.vision.spatial_merge_size)"
+        )
+    budget = data.max_patches_per_microbatch
+    if budget is not None and budget < config.train.micro_batch_size:
+        out.append(
+            f"data.max_patches_per_microbatch={budget} is below train.micro_batch_size={config.train.micro_batch_size}"
+            ": every packed sequence gets an equal share of the budget"
+        )
     return out
 
 
 def layout_problems(config: Config, world_size: int) -> list[str]:
     """Reasons the parallel layout does not fit `world_size` GPUs (every GPU is a data-parallel rank)."""
+    if not 1 <= world_size <= MAX_GPUS:
+        return [f"the number of GPUs must be between 1 and {MAX_GPUS:,}, got {shorten(world_size)}"]
     m, out = config.model, []
     if world_size % m.expert_model_parallel_size:
         out.append(
@@ -162,5 +204,8 @@ def layout_problems(config: Config, world_size: int) -> list[str]:
 def validate(config: Config, world_size: int | None = None) -> None:
     """Raise ConfigError listing every problem of the config, if any."""
     found = problems(config, world_size)
+    if len(found) == 1:
+        raise ConfigError(f"invalid configuration: {found[0]}")
     if found:
-        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in found))
+        listed = " ".join(f"({i}) {p}" for i, p in enumerate(found, 1))
+        raise ConfigError(f"invalid configuration, {len(found)} problems: {listed}")

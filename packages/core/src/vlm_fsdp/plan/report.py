@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from vlm_fsdp.config.run import Config
-from vlm_fsdp.config.validate import problems
+from vlm_fsdp.config.validate import layout_problems, problems
 from vlm_fsdp.plan.flops import attention_flops, text_token_flops, vision_forward_flops
-from vlm_fsdp.plan.memory import GiB, estimate_memory
+from vlm_fsdp.plan.memory import GiB, MemoryEstimate, estimate_memory
 from vlm_fsdp.plan.params import count_params
 
 # Share of GPU memory kept free for the CUDA context, NCCL buffers and allocator fragmentation.
 MEMORY_RESERVE = 0.1
 # The image the per-patch vision FLOPs refer to: 512 x 512 pixels at patch 16 -> 32 x 32 patches.
 REFERENCE_IMAGE_PATCHES = 32 * 32
+# The largest layout a suggestion considers.
+MAX_SUGGESTED_GPUS = 65_536
+# Share of sequence tokens that are image tokens in the activation estimate, unless told otherwise.
+DEFAULT_IMAGE_SHARE = 0.5
+
+
+def default_image_share(config: Config) -> float:
+    """DEFAULT_IMAGE_SHARE, or 0 for a text-only run."""
+    return 0.0 if config.data.text_only else DEFAULT_IMAGE_SHARE
 
 
 def make_plan(config: Config, *, gpus: int, gpu_memory_gib: float, image_share: float) -> dict[str, Any]:
@@ -24,6 +34,7 @@ def make_plan(config: Config, *, gpus: int, gpu_memory_gib: float, image_share: 
     patch_flops = vision_forward_flops(m, [REFERENCE_IMAGE_PATCHES]) // REFERENCE_IMAGE_PATCHES
     token_flops = text_token_flops(m) + attention_flops(m, m.seq_length) // m.seq_length
     layout = problems(config, gpus)
+    memory_fits = memory.total / GiB <= usable
     return {
         "recipe": config.recipe,
         "gpus": gpus,
@@ -61,8 +72,75 @@ def make_plan(config: Config, *, gpus: int, gpu_memory_gib: float, image_share: 
             "usable": usable,
             "image_share": image_share,
         },
-        "fits": not layout and memory.total / GiB <= usable,
+        "fits": not layout and memory_fits,
+        "memory_fits": memory_fits,
+        "verdict": "fits" if not layout and memory_fits else "invalid_layout" if layout else "out_of_memory",
+        "suggestion": None if memory_fits else suggest_layout(config, gpus, usable, image_share),
     }
+
+
+def suggest_layout(config: Config, gpus: int, usable_gib: float, image_share: float) -> dict[str, Any]:
+    """The smallest number of GPUs above `gpus`, a power of two times the expert-parallel size, on which the
+    config's memory fits, with its memory per GPU and the layout problems the config has there (a batch size that
+    does not divide, say); when none up to MAX_SUGGESTED_GPUS does, `gpus` is None and the memory is that of
+    MAX_SUGGESTED_GPUS."""
+    ep = config.model.expert_model_parallel_size
+    candidates = [
+        n for n in (ep << k for k in range(MAX_SUGGESTED_GPUS.bit_length())) if gpus < n <= MAX_SUGGESTED_GPUS
+    ]
+
+    def fits(n: int) -> bool:
+        return estimate_memory(config, n, image_share).total / GiB <= usable_gib
+
+    first = bisect.bisect_left(candidates, True, key=fits)  # memory per GPU only falls as GPUs are added
+    if first < len(candidates):
+        n = candidates[first]
+        return _suggestion(n, estimate_memory(config, n, image_share), layout_problems(config, n))
+    return _suggestion(None, estimate_memory(config, MAX_SUGGESTED_GPUS, image_share), [])
+
+
+def _suggestion(gpus: int | None, memory: MemoryEstimate, layout: list[str]) -> dict[str, Any]:
+    return {
+        "gpus": gpus,
+        "total_gib": memory.total / GiB,
+        "activations_gib": memory.activations / GiB,
+        "problems": layout,
+        "up_to": MAX_SUGGESTED_GPUS,
+    }
+
+
+def verdict_text(plan: dict[str, Any]) -> str:
+    """One line: whether the run fits, and if not whether memory or the layout is why."""
+    mem, gpus = plan["memory_gib"], plan["gpus"]
+    if plan["fits"]:
+        return f"FITS: {mem['total']:.2f} GiB per GPU of {mem['usable']:.2f} usable"
+    if plan["layout"]["problems"]:
+        also = "; memory would fit" if plan["memory_fits"] else "; memory does not fit either"
+        return f"DOES NOT FIT: the layout is invalid on {gpus} GPU(s) (see above){also}"
+    return (
+        f"DOES NOT FIT in memory: {mem['total']:.2f} GiB per GPU on {gpus} GPU(s), {mem['usable']:.2f} GiB usable "
+        f"of {mem['gpu']:g}"
+    )
+
+
+def suggestion_text(plan: dict[str, Any]) -> str:
+    """One line on a layout that fits in memory, when this one does not; '' otherwise."""
+    found = plan["suggestion"]
+    if found is None:
+        return ""
+    larger = "or GPUs with more memory (--gpu-memory GiB)"
+    if found["gpus"] is None:
+        return (
+            f"no layout of up to {found['up_to']:,} GPUs fits: there it still takes {found['total_gib']:.2f} GiB per "
+            f"GPU, {found['activations_gib']:.2f} of them activations; lower model.seq_length or "
+            f"train.micro_batch_size, turn on recompute (model.recompute_granularity=full), {larger}"
+        )
+    ep = plan["layout"]["expert_parallel"]
+    gpus = found["gpus"]
+    where = f"{gpus} GPUs ({gpus // ep} expert-parallel groups of {ep}), {found['total_gib']:.2f} GiB per GPU"
+    if found["problems"]:
+        return f"memory fits on {where}, where the layout needs changes: {'; '.join(found['problems'])}; {larger}"
+    return f"the same config fits on {where}; {larger}"
 
 
 def _count(n: int) -> str:
@@ -105,6 +183,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     if lay["problems"]:
         lines.append("Invalid layout:")
         lines += [f"  - {problem}" for problem in lay["problems"]]
-    verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
-    lines.append(f"Verdict: {verdict}")
+    lines.append(f"Verdict: {verdict_text(plan)}")
+    suggestion = suggestion_text(plan)
+    if suggestion:
+        lines.append(f"Suggestion: {suggestion}")
     return "\n".join(lines)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from vlm_fsdp.cli.main import build_parser
-from vlm_fsdp.config.fields import field_docs, field_types, is_config_class, type_name
+from vlm_fsdp.config.fields import Length, Range, field_docs, field_hints, field_types, is_config_class, type_name
 from vlm_fsdp.config.megatron_fsdp import DEFAULTS
 from vlm_fsdp.config.recipes import load_recipe, recipe_names, recipe_summary
 from vlm_fsdp.config.run import Config
@@ -20,6 +21,24 @@ from vlm_fsdp.plan.params import count_params
 
 # Width of the `--help` text on the command-line page.
 HELP_WIDTH = 100
+
+
+def bounds(tp: Any) -> str:
+    """The declared bounds anywhere in a field's annotation, as text ('1 <= value <= 1,024'), or ''."""
+    found = []
+
+    def walk(t: Any) -> None:
+        for arg in typing.get_args(t):
+            if isinstance(arg, Range):
+                found.append(arg.describe())
+            elif isinstance(arg, Length):
+                count = f"exactly {arg.min}" if arg.min == arg.max else f"{arg.min} to {arg.max:,}"
+                found.append(f"{count} {arg.what}")
+            else:
+                walk(arg)
+
+    walk(tp)
+    return "; ".join(found)
 
 
 def value(v: Any) -> str:
@@ -70,7 +89,7 @@ def config_reference() -> str:
         heading = f"`{key}` {{#{key.replace('.', '-')}}}" if key else "Top level {#top-level}"
         lines += ["", f"## {heading}", "", summary, ""]
         lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-        docs, types = field_docs(cls), field_types(cls)
+        docs, types, hints = field_docs(cls), field_types(cls), field_hints(cls)
         for field in dataclasses.fields(cls):
             full, tp = f"{key}.{field.name}" if key else field.name, types[field.name]
             if is_config_class(tp):
@@ -78,7 +97,7 @@ def config_reference() -> str:
                 shown = tp.__name__
             else:
                 default = f"`{value(field_default(field))}`"
-                shown = type_name(tp)
+                shown = type_name(tp) + (f" ({bounds(hints[field.name])})" if bounds(hints[field.name]) else "")
                 if (key, field.name) in DEFAULTS:
                     default += f": `{value(DEFAULTS[key, field.name])}` with Megatron-FSDP"
             lines.append(f"| `{full}` | {cell(shown)} | {cell(default)} | {cell(docs.get(field.name, ''))} |")
