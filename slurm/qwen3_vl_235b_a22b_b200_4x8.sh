@@ -2,7 +2,7 @@
 # qwen3_vl_235b_a22b - Qwen3-VL-235B-A22B-Instruct: 94 layers, 128 experts (top-8), 4096 wide; 27-block vision tower.
 # 4 nodes x 8 GPUs: data-parallel 32, expert-parallel 16; sharding optim_grads_params.
 # Printed by (regenerate rather than edit):
-#   vlm-fsdp slurm --recipe qwen3_vl_235b_a22b --nodes 4 --gpus-per-node 8 --container vlm-fsdp.sqsh --config-file recipes/qwen3_vl_235b_a22b_mfsdp.yaml
+#   vlm-fsdp slurm --recipe qwen3_vl_235b_a22b --nodes 4 --gpus-per-node 8 --gpu-memory 180 --container vlm-fsdp.sqsh --config-file recipes/qwen3_vl_235b_a22b_mfsdp.yaml
 # Submit from the root of the checkout; sbatch options given on its command line override the ones below:
 #   sbatch --partition=PARTITION --account=ACCOUNT --time=04:00:00 THIS_SCRIPT
 # Ranks run in the container image vlm-fsdp.sqsh, which has the workspace installed.
@@ -15,16 +15,24 @@
 #SBATCH --open-mode=append
 #SBATCH --export=ALL
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR1@300
 set -euo pipefail
 
-# Near the time limit (--signal above) put the job back in the queue; the next run resumes from its checkpoint.
-# shellcheck disable=SC2329  # called by the trap
-requeue() {
-  echo "$(date -u +%FT%TZ) time limit in 120 s: requeueing job ${SLURM_JOB_ID}"
-  scontrol requeue "${SLURM_JOB_ID}"
+# Near the time limit (USR1, --signal above) and on SIGTERM, the ranks are asked (through srun) to finish their
+# step and save a checkpoint; after the time-limit signal the job is then put back in the queue, and the next run
+# resumes from that checkpoint.
+step=""
+requeue=0
+interrupted=0
+# shellcheck disable=SC2329  # called by the traps
+stop() {
+  echo "$(date -u +%FT%TZ) $1: asking the ranks to finish their step and save a checkpoint"
+  interrupted=1
+  if [ "$1" = USR1 ]; then requeue=1; fi
+  if [ -n "${step}" ]; then kill -"$1" "${step}" 2>/dev/null || true; fi
 }
-trap requeue USR1
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
 
 resume=()
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
@@ -53,11 +61,15 @@ srun --export=ALL --ntasks-per-node=1 --kill-on-bad-exit=1 --output="${log_dir}/
   train.output_dir="runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}" \
   "${resume[@]}" &
 step=$!
-# A trapped USR1 ends `wait` early: keep waiting until the training step itself has ended.
-status=0
-wait "${step}" || status=$?
-while kill -0 "${step}" 2>/dev/null; do
+# A trapped signal ends `wait` early: wait again until it returns the training step's own exit status.
+while :; do
+  interrupted=0
   status=0
   wait "${step}" || status=$?
+  if [ "${interrupted}" = 0 ]; then break; fi
 done
+if [ "${requeue}" = 1 ]; then
+  echo "$(date -u +%FT%TZ) time limit in 300 s: requeueing job ${SLURM_JOB_ID}"
+  scontrol requeue "${SLURM_JOB_ID}"
+fi
 exit "${status}"

@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from vlm_fsdp.launch.slurm import REQUEUE_WARNING_S
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "build" / "test-artifacts"
@@ -68,7 +69,7 @@ def test_strict_build_writes_every_page_the_search_index_and_the_reference(site)
     index = json.loads((site / "search" / "search_index.json").read_text())
     assert any("ddp.nccl_ub" in doc["text"] for doc in index["docs"])
     slurm = html.unescape(re.sub(r"<[^>]+>", "", (site / "walkthroughs" / "slurm" / "index.html").read_text()))
-    assert "#SBATCH --signal=B:USR1@120" in slurm, "the embedded `vlm-fsdp slurm` output is missing"
+    assert f"#SBATCH --signal=B:USR1@{REQUEUE_WARNING_S}" in slurm, "the embedded `vlm-fsdp slurm` output is missing"
 
 
 def test_strict_build_fails_on_a_page_that_drifted_from_the_code(tmp_path):

@@ -1,11 +1,13 @@
 """GPU functional tests (`nox -s gpu`): parity with transformers in bf16, Hugging Face weights into the
-Megatron-FSDP model, train + save + exact resume, a compiled run, pinned batches, and the default run."""
+Megatron-FSDP model, train + save + exact resume, a signal mid-run and a NaN step, a compiled run, pinned batches,
+and the default run."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +138,85 @@ def test_compiled_run_follows_the_eager_run_without_recompiling(tmp_path):
     assert compiled[-1].compiled_graphs == compiled[0].compiled_graphs
     for a, b in zip(eager, compiled, strict=True):
         assert b.loss == pytest.approx(a.loss, rel=2e-2), (a, b)
+
+
+def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    state = {
+        "model": {
+            k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            for k, m in metadata.items()
+            if k.startswith("model.")
+        }
+    }
+    dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+    return state["model"]
+
+
+def _losses(output: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"^step\s+(\d+)\s+loss\s+([\d.naninf]+)", output, re.M)}
+
+
+def test_a_signal_mid_run_saves_and_resuming_continues_the_uninterrupted_run(tmp_path):
+    """SIGTERM to `vlm-fsdp train` after step 3 is logged: the run finishes its step, saves, exits 0, and
+    `--resume` ends with the weights of the uninterrupted run, bit for bit (deterministic kernels)."""
+    common = ["train.train_iters=8", "train.deterministic=true", "optimizer.lr_warmup_iters=2", "data.num_workers=0"]
+    full = train(load_config("tiny", overrides=[*common, f"train.output_dir={tmp_path / 'full'}"]), resume=False)
+    command = [sys.executable, "-m", "vlm_fsdp.cli.main", "train", *common, f"train.output_dir={tmp_path / 'cut'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.match(r"^step\s+3\s", line):
+            process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 0, "".join(lines[-40:])
+    first = "".join(lines)
+    stopped = int(re.search(r"stopped after step (\d+) on SIGTERM", first).group(1))
+    assert 3 <= stopped < 8
+    second = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    print(f"\nstopped after step {stopped}; resumed run:\n{second.stdout[-1500:]}")
+    losses = _losses(first) | _losses(second.stdout)
+    assert sorted(losses) == list(range(1, 9))
+    for stats in full:
+        assert losses[stats.step] == pytest.approx(stats.loss, abs=1e-4), stats.step
+    ours = _model_tensors(tmp_path / "cut" / "checkpoints" / "iter_0000008")
+    reference = _model_tensors(tmp_path / "full" / "checkpoints" / "iter_0000008")
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_a_step_with_a_nan_is_skipped_and_training_goes_on(tmp_path):
+    """NaN pixels in the second step's microbatches: that step changes no weight and does not advance the
+    schedule; the next step trains normally."""
+    from vlm_fsdp.train.loop import train_step
+
+    from .gloo.scenarios import Poisoned
+
+    config = load_config("tiny", overrides=["data.num_workers=0", f"train.output_dir={tmp_path}"])
+    microbatches = config.train.global_batch_size // config.train.micro_batch_size
+    dist = init_distributed(config)
+    try:
+        trainable = build(config, dist.device)
+        loader = build_loader(config)
+        poisoned = Poisoned(loader, microbatches, microbatches)
+        steps, weights = [], []
+        for step in (1, 2, 3):
+            steps.append(train_step(config, trainable, poisoned, dist, step, microbatches, None))
+            weights.append({k: v.to_local().clone() for k, v in model_state(trainable.wrapped).items()})
+        loader.close()
+    finally:
+        shutdown()
+    print("\nsteps:", [(s.step, s.loss, s.grad_norm, s.lr, s.skipped) for s in steps])
+    assert poisoned.poisoned >= 1
+    assert [s.skipped for s in steps] == [False, True, False]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[0])
+    assert steps[2].lr == steps[1].lr and torch.isfinite(torch.tensor(steps[2].loss))
 
 
 def test_batches_arrive_in_pinned_memory():

@@ -19,6 +19,7 @@ Each world size starts its processes once and runs its jobs in turn (about five 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def one(dirs) -> dict:
             "run": ("run", {}),
             "mixed": ("mixed_images", {}),
             "parity": ("transformers_parity", {}),
+            "preempted": ("preempted_run", {}),
         },
     )
 
@@ -104,6 +106,7 @@ def two(dirs, one, hf_model) -> dict:
             "one_to_ep2": ("run", {"overrides": EP2, "resume_from": _step2(one["dir"] / "run")}),
             "mixed": ("mixed_images", {}),
             "hf_into_ep2": ("load_weights", {"overrides": EP2, "checkpoint": str(hf_model.parent / "hf_converted")}),
+            "poisoned": ("poisoned_step", {"overrides": EP2}),
         },
     )
 
@@ -127,13 +130,15 @@ def four(dirs, one, two) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_again(dirs, two, four) -> dict:
+def one_again(dirs, one, two, four) -> dict:
+    preempted = one["dir"] / "preempted" / "checkpoints" / "iter_0000003"
     return _world(
         1,
         dirs / "w1b",
         {
             "two_to_one": ("run", {"resume_from": _step2(two["dir"] / "run_dp2")}),
             "dp2ep2_to_one": ("run", {"resume_from": _step2(four["dir"] / "run_dp2ep2")}),
+            "after_preemption": ("run", {"resume_from": str(preempted)}),
         },
     )
 
@@ -251,3 +256,23 @@ def test_an_expert_parallel_checkpoint_converts_to_hugging_face_and_back_bitwise
     assert sorted(original) == sorted(converted)
     for name, tensor in original.items():
         assert torch.equal(converted[name], tensor), name
+
+
+def test_a_step_with_a_nan_on_one_rank_is_skipped_on_every_rank(two):
+    """With expert parallelism, so that the NaN also travels through the all-to-all."""
+    result = two["poisoned"]
+    assert result["poisoned"][0] == 0 and result["poisoned"][1] >= 1
+    assert result["skipped"] == [False, True, False]
+    assert result["unchanged_over_the_skipped_step"] and result["changed_over_the_next_step"]
+    assert math.isnan(result["losses"][1]) and math.isfinite(result["losses"][2])
+    assert result["lrs"][1] == result["lrs"][0]  # the schedule did not advance over the skipped step
+
+
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_resuming_continues_exactly(one, one_again):
+    preempted, reference = one["preempted"], one["run"]
+    assert preempted["steps"] == [1, 2, 3]
+    assert preempted["stop_signals"][-1] == "SIGTERM"
+    assert "iter_0000003" in preempted["checkpoints"] and "iter_0000004" not in preempted["checkpoints"]
+    assert preempted["losses"] == reference["losses"][:3]
+    resumed = one_again["after_preemption"]
+    assert resumed["steps"] == [4] and resumed["losses"] == reference["losses"][3:]

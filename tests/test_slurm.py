@@ -39,16 +39,30 @@ done
 echo "srun $*" >>"$STUB_LOG"
 IFS=, read -ra nodes <<<"$SLURM_JOB_NODELIST"
 pids=()
+interrupted=0
+trap 'interrupted=1; kill -USR1 "${pids[@]}"' USR1
+trap 'interrupted=1; kill -TERM "${pids[@]}"' TERM
 for node in "${nodes[@]}"; do
   if [ -n "${STUB_SRUN_SLEEP:-}" ]; then
-    sleep "$STUB_SRUN_SLEEP" >"${out//%N/$node}" 2>&1 &
+    # a rank that, like vlm-fsdp train, saves and exits 0 on USR1 or TERM
+    bash -c 'trap "echo saved on signal; exit 0" USR1 TERM; echo ready; sleep "$0" & wait' "$STUB_SRUN_SLEEP" \
+      >"${out//%N/$node}" 2>&1 &
   else
     SLURMD_NODENAME=$node "$@" >"${out//%N/$node}" 2>&1 &
   fi
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in "${pids[@]}"; do
+  # a trapped signal ends `wait` early: wait again until it returns the task's own exit status
+  while :; do
+    interrupted=0
+    code=0
+    wait "$pid" || code=$?
+    if [ "$interrupted" = 0 ]; then break; fi
+  done
+  if [ "$code" -ne 0 ]; then status=$code; fi
+done
 exit "$status"
 """
 SCONTROL = """#!/bin/bash
@@ -201,15 +215,28 @@ def test_script_starts_one_launcher_per_node_up_to_the_gpu(root, tmp_path, resta
         assert "Traceback" not in log
 
 
-def test_usr1_before_the_time_limit_requeues_the_job(root, tmp_path):
-    job = submit(root, tmp_path, root / "slurm" / "qwen3_vl_30b_a3b_2x8.sh", {"STUB_SRUN_SLEEP": "4"})
-    calls = tmp_path / "calls.log"
+def _started(tmp_path: Path, job: subprocess.Popen) -> None:
+    """Wait until both stand-in ranks have set their traps."""
+    logs = [tmp_path / "submit" / "logs" / f"qwen3_vl_30b_a3b-{JOB_ID}" / f"{node}.log" for node in ("node1", "node2")]
     deadline = time.monotonic() + 60
-    while not (calls.exists() and "srun" in calls.read_text()):
-        assert time.monotonic() < deadline and job.poll() is None, "the script never started srun"
+    while not all(log.exists() and "ready" in log.read_text() for log in logs):
+        assert time.monotonic() < deadline and job.poll() is None, "the stand-in ranks never started"
         time.sleep(0.1)
-    job.send_signal(signal.SIGUSR1)
-    assert job.wait(timeout=60) == 0  # the batch shell waits for the step to end after requeueing
-    assert f"scontrol requeue {JOB_ID}" in calls.read_text().splitlines()
-    batch_log = (tmp_path / "submit" / f"qwen3_vl_30b_a3b-{JOB_ID}.log").read_text()
-    assert f"requeueing job {JOB_ID}" in batch_log
+
+
+@pytest.mark.parametrize(("sent", "requeued"), [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_a_signal_reaches_the_ranks_which_save_before_the_job_ends(root, tmp_path, sent, requeued):
+    """USR1 (the time limit is near) and TERM (preemption) are passed through srun to the ranks, which save and
+    exit 0; the script waits for them, and after USR1 it requeues the job."""
+    job = submit(root, tmp_path, root / "slurm" / "qwen3_vl_30b_a3b_2x8.sh", {"STUB_SRUN_SLEEP": "30"})
+    _started(tmp_path, job)
+    job.send_signal(sent)
+    assert job.wait(timeout=60) == 0
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert (f"scontrol requeue {JOB_ID}" in calls) == requeued
+    submit_dir = tmp_path / "submit"
+    for node in ("node1", "node2"):
+        assert "saved on signal" in (submit_dir / "logs" / f"qwen3_vl_30b_a3b-{JOB_ID}" / f"{node}.log").read_text()
+    batch_log = (submit_dir / f"qwen3_vl_30b_a3b-{JOB_ID}.log").read_text()
+    assert f"{sent.name.removeprefix('SIG')}: asking the ranks to finish their step" in batch_log
+    assert (f"requeueing job {JOB_ID}" in batch_log) == requeued

@@ -16,6 +16,25 @@ from pathlib import Path
 import torch
 
 OUT = Path(__file__).parent / "torch_dist_tiny"
+# the conversion tests' shape: odd widths, one key/value head, six experts, three DeepStack-fed vision blocks
+ODD = [
+    "model.hidden_size=200",
+    "model.num_attention_heads=5",
+    "model.num_query_groups=1",
+    "model.kv_channels=40",
+    "model.mrope_section=[8, 6, 6]",
+    "model.num_moe_experts=6",
+    "model.moe_ffn_hidden_size=56",
+    "model.moe_router_topk=2",
+    "model.num_layers=3",
+    "model.ffn_hidden_size=300",
+    "model.vision.depth=3",
+    "model.vision.hidden_size=72",
+    "model.vision.num_heads=3",
+    "model.vision.intermediate_size=100",
+    "model.vision.deepstack_visual_indexes=[0, 2]",
+    "model.vision.num_position_embeddings=256",
+]
 # the conversion tests' model, with a small vocabulary so the fixture stays small
 OVERRIDES = ["model.vocab_size=1024", "model.image_token_id=1012", "model.video_token_id=1013",
              "model.vision_start_token_id=1009", "model.vision_end_token_id=1010"]  # fmt: skip
@@ -28,8 +47,6 @@ def main() -> None:
     from vlm_fsdp.config import load_config
     from vlm_fsdp.model.transformer_config import transformer_config
     from vlm_fsdp.train.parallel import free_port
-
-    from tests.test_convert import ODD
 
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_device = lambda: "cpu"

@@ -5,7 +5,11 @@ data. Each job returns rank 0's result: full (unsharded) tensors gathered from e
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -103,6 +107,78 @@ class _Counting:
         batch = next(self.loader)
         self.patches.append(sum(batch.image_patches))
         return batch
+
+
+class Poisoned:
+    """The loader, with NaN pixels in every microbatch that has images among the `count` it hands out from the
+    `first`-th (0-based) on: a broken sample, as a corrupt decode or an overflow would make one."""
+
+    def __init__(self, loader, first: int | None, count: int) -> None:
+        self.loader, self.stats = loader, loader.stats
+        self.first, self.count, self.taken, self.poisoned = first, count, 0, 0
+
+    def __next__(self):
+        batch = next(self.loader)
+        if self.first is not None and self.first <= self.taken < self.first + self.count and batch.has_images:
+            batch.pixel_values = torch.full_like(batch.pixel_values, float("nan"))
+            self.poisoned += 1
+        self.taken += 1
+        return batch
+
+
+def poisoned_step(*, output_dir: str, overrides: list[str] = ()) -> dict:
+    """Three steps; on the last rank the second step's microbatches with images carry NaN pixels. Returns whether
+    each step was skipped, the losses, the learning rates, and whether the weights stayed the same over the
+    skipped step and changed over the next."""
+    config, dist, t = _start(overrides, output_dir)
+    loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+    microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
+    last = dist.rank == dist.world_size - 1
+    poisoned = Poisoned(loader, microbatches if last else None, microbatches)
+    steps, weights = [], []
+    try:
+        for step in (1, 2, 3):
+            steps.append(train_step(config, t, poisoned, dist, step, microbatches, None))
+            weights.append(_weights(t))
+    finally:
+        loader.close()
+    result = {
+        "skipped": [s.skipped for s in steps],
+        "losses": [s.loss for s in steps],
+        "grad_norms": [s.grad_norm for s in steps],
+        "lrs": [s.lr for s in steps],
+        "poisoned": _gather(poisoned.poisoned, dist),
+    }
+    if dist.rank == 0:
+        result["unchanged_over_the_skipped_step"] = all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+        result["changed_over_the_next_step"] = any(not torch.equal(weights[1][n], weights[2][n]) for n in weights[0])
+    return result
+
+
+def preempted_run(*, output_dir: str, overrides: list[str] = ()) -> dict:
+    """`run`, with SIGTERM sent to this rank once the step-2 checkpoint is complete (as a preemption would):
+    returns the steps run, their losses, and the checkpoints left."""
+    config = load_config("tiny", overrides=[*BASE, f"train.output_dir={output_dir}", "checkpoint.save_interval=2",
+                                            *overrides])  # fmt: skip
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    dist = init_distributed(config)
+    save = Path(output_dir) / "checkpoints"
+    if dist.rank == 0:
+        threading.Thread(target=_signal_when, args=(save / "iter_0000002", signal.SIGTERM), daemon=True).start()
+    history = train_loop(config, dist, resume=False)
+    return {
+        "steps": [s.step for s in history],
+        "losses": [s.loss for s in history],
+        "stop_signals": [s.stop_signal for s in history],
+        "checkpoints": sorted(p.name for p in save.iterdir()) if dist.rank == 0 else None,
+    }
+
+
+def _signal_when(path: Path, number: signal.Signals) -> None:
+    while not path.is_dir():
+        time.sleep(0.05)
+    os.kill(os.getpid(), number)
 
 
 def _gather(value, dist: Dist):

@@ -48,6 +48,11 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
         default="bfloat16",
         help="dtype of the written tensors (default: bfloat16)",
     )
+    to_hf.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the checkpoint's files against their checksums first (one more read of the checkpoint)",
+    )
     to_hf.set_defaults(func=fsdp_to_hf)
 
     from_dist = sub.add_parser(
@@ -76,33 +81,30 @@ def register_inspect(subparsers: argparse._SubParsersAction) -> None:
         "inspect",
         help="describe a checkpoint and check that it is complete",
         description="Print a checkpoint's format, step, every tensor (name, shape, dtype, how it is split), "
-        "provenance and config. An incomplete or corrupt checkpoint is reported with what is missing; the exit "
-        "status is then 1.",
+        "provenance and config, after checking its files against their checksums. An incomplete, damaged or "
+        "inconsistent checkpoint is reported with what is wrong; the exit status is then 1.",
     )
     parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="checkpoint directory or save directory")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="list the checkpoint without checking its files against their checksums (which reads all of it)",
+    )
     parser.set_defaults(func=inspect)
 
 
 def hf_to_fsdp(args: argparse.Namespace) -> int:
-    from vlm_fsdp.checkpoint.hf_import import write_model_checkpoint
+    from vlm_fsdp.checkpoint.hf_import import model_from_hf, read_hf_config, write_model_checkpoint
+    from vlm_fsdp.checkpoint.layout import check_new_output
     from vlm_fsdp.config.load import load_config
-    from vlm_fsdp.config.overrides import apply_mapping
-    from vlm_fsdp.config.run import Config
-    from vlm_fsdp.errors import UserError
-    from vlm_fsdp.model.hf_config import model_fields_from_hf
 
-    config_json = args.hf / "config.json"
-    if not config_json.is_file():
-        raise UserError(f"{args.hf} has no config.json: expected a Hugging Face Qwen3-VL-MoE model directory")
+    check_new_output(args.out)
     if args.recipe:
+        read_hf_config(args.hf)
         model = load_config(args.recipe).model
     else:
-        config = Config()
-        apply_mapping(config, {"model": model_fields_from_hf(json.loads(config_json.read_text()))})
-        model = config.model
-    if args.out.exists():
-        raise UserError(f"{args.out} already exists; choose a new output directory")
+        model = model_from_hf(args.hf)
     write_model_checkpoint(args.hf, args.out, model, point_latest=False)
     print(f"wrote {args.out} (start training from it with checkpoint.load={args.out})")
     return 0
@@ -112,7 +114,7 @@ def fsdp_to_hf(args: argparse.Namespace) -> int:
     import torch
     from vlm_fsdp.convert.fsdp_to_hf import export_hf
 
-    out = export_hf(args.ckpt, args.out, dtype=getattr(torch, args.dtype))
+    out = export_hf(args.ckpt, args.out, dtype=getattr(torch, args.dtype), verify=not args.no_verify)
     print(f"wrote {out} (load it with transformers' Qwen3VLMoeForConditionalGeneration.from_pretrained)")
     return 0
 
@@ -120,10 +122,7 @@ def fsdp_to_hf(args: argparse.Namespace) -> int:
 def torch_dist_to_fsdp(args: argparse.Namespace) -> int:
     from vlm_fsdp.cli.common import config_from_args
     from vlm_fsdp.convert.torch_dist import convert_torch_dist
-    from vlm_fsdp.errors import UserError
 
-    if args.out.exists():
-        raise UserError(f"{args.out} already exists; choose a new output directory")
     convert_torch_dist(args.ckpt, args.hf, args.out, config_from_args(args).model)
     print(f"wrote {args.out} (start training from it with checkpoint.load={args.out})")
     return 0
@@ -132,6 +131,6 @@ def torch_dist_to_fsdp(args: argparse.Namespace) -> int:
 def inspect(args: argparse.Namespace) -> int:
     from vlm_fsdp.convert.inspect_checkpoint import inspect_checkpoint, render
 
-    report = inspect_checkpoint(args.checkpoint)
+    report = inspect_checkpoint(args.checkpoint, verify=not args.no_verify)
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 1 if report["problems"] else 0

@@ -34,7 +34,13 @@ def read_record(checkpoint: Path) -> dict[str, Any]:
             f"{checkpoint} has no {RUN_RECORD}, so its model architecture is unknown: it was not "
             "written by vlm-fsdp (pass --recipe to name the architecture)"
         )
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        record = yaml.safe_load(path.read_bytes()) or {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{path} is damaged: it is not readable YAML ({str(err)[:200]})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged: it holds a {type(record).__name__}, not a mapping of settings")
+    return record
 
 
 def model_config(record: dict[str, Any]) -> ModelConfig:
@@ -46,11 +52,17 @@ def model_config(record: dict[str, Any]) -> ModelConfig:
 def tokenizer_source(record: dict[str, Any]) -> Path | None:
     """The directory whose tokenizer and processor files belong with this checkpoint, if it still exists: the
     Hugging Face directory a conversion came from, or the tokenizer a training run used."""
+    data, model, source = (
+        record.get(k) if isinstance(record.get(k), dict) else {} for k in ("data", "model", "source")
+    )
     if "data" in record:
         try:
-            tokenizer = resolve_tokenizer_path(record["data"].get("tokenizer"), record["model"].get("hf_path"))
-        except ConfigError:  # the tokenizer directory has moved since training
+            tokenizer = resolve_tokenizer_path(data.get("tokenizer"), model.get("hf_path"))
+        except (ConfigError, TypeError, ValueError, OSError):  # the tokenizer directory has moved since training
             return None
         return tokenizer.parent
-    source = (record.get("source") or {}).get("hf_path")
-    return Path(source) if source and Path(source).is_dir() else None
+    hf_path = source.get("hf_path")
+    try:
+        return Path(hf_path) if isinstance(hf_path, str) and Path(hf_path).is_dir() else None
+    except (ValueError, OSError):  # not a usable path
+        return None

@@ -14,12 +14,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from vlm_fsdp.checkpoint.hf_import import HfCheckpoint, check_architecture, hf_tensors
+from vlm_fsdp.checkpoint.hf_import import (
+    WEIGHT_DTYPES,
+    HfCheckpoint,
+    check_architecture,
+    hf_tensors,
+    model_tensor_shapes,
+)
+from vlm_fsdp.checkpoint.layout import check_new_output
+from vlm_fsdp.checkpoint.safe_reader import TensorLoadPlanner, load_tensors, read_metadata, storage_problems
 from vlm_fsdp.checkpoint.streaming import write_streaming
 from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.config.overrides import to_dict
@@ -41,7 +47,7 @@ LAYER_TENSORS = {
 GLOBAL_TENSORS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight")
 
 
-class _SlicePlanner(DefaultLoadPlanner):
+class _SlicePlanner(TensorLoadPlanner):
     """Reads `target` from the region of a saved tensor starting at `offsets`."""
 
     def __init__(self, fqn: str, offsets: tuple[int, ...]) -> None:
@@ -61,17 +67,38 @@ class _SlicePlanner(DefaultLoadPlanner):
         return target
 
 
-def _read_slice(reader_path: Path, fqn: str, meta: TensorStorageMetadata, layer: int | None) -> torch.Tensor:
+def _read_slice(checkpoint: Path, metadata: Metadata, fqn: str, layer: int | None) -> torch.Tensor:
+    meta = metadata.state_dict_metadata[fqn]
     shape = tuple(meta.size) if layer is None else (1, *meta.size[1:])
     target = torch.empty(shape, dtype=meta.properties.dtype)
     offsets = (0,) * len(shape) if layer is None else (layer, *(0,) * (len(shape) - 1))
-    dcp.load({fqn: target}, storage_reader=FileSystemReader(reader_path), planner=_SlicePlanner(fqn, offsets),
-             no_dist=True)  # fmt: skip
+    load_tensors({fqn: target}, checkpoint, metadata=metadata, planner=_SlicePlanner(fqn, offsets), no_dist=True)
     return target if layer is None else target[0]
 
 
+def _source_shape(checkpoint: Path, fqn: str, meta: object, layer: int | None, model: ModelConfig) -> tuple:
+    """The shape of one layer's slice (or the whole tensor) of `fqn`, after checking that it is a stacked tensor
+    of the config's layers and of a supported dtype."""
+    if not isinstance(meta, TensorStorageMetadata):
+        raise UserError(f"{checkpoint}: {fqn} is stored as an object, not as a tensor")
+    if meta.properties.dtype not in WEIGHT_DTYPES:
+        raise UserError(f"{checkpoint}: {fqn} has dtype {meta.properties.dtype}, not bfloat16, float16 or float32")
+    if layer is None:
+        return tuple(meta.size)
+    layers = meta.size[0] if len(meta.size) else 0
+    if layers != model.num_layers:
+        raise UserError(f"{checkpoint}: {fqn} stacks {layers} layers, but the config has {model.num_layers}: pass "
+                        "the recipe (and overrides) the checkpoint was trained with")  # fmt: skip
+    return tuple(meta.size[1:])
+
+
 def convert_torch_dist(checkpoint: Path, hf_dir: Path, out: Path, model: ModelConfig) -> Path:
-    metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    check_new_output(out)
+    full_metadata = read_metadata(checkpoint)
+    problems = storage_problems(checkpoint, full_metadata)
+    if problems:
+        raise UserError(f"{checkpoint} is damaged: {'; '.join(problems[:3])}")
+    metadata = full_metadata.state_dict_metadata
     embedding = [k for k in metadata if k.endswith(GLOBAL_TENSORS[0])]
     if len(embedding) != 1:
         raise UserError(f"{checkpoint} is not a Megatron GPT torch_dist checkpoint: no single "
@@ -90,18 +117,17 @@ def convert_torch_dist(checkpoint: Path, hf_dir: Path, out: Path, model: ModelCo
                for i in range(model.num_layers) for ours, names in LAYER_TENSORS.items()]  # fmt: skip
     names = GLOBAL_TENSORS if model.untie_embeddings_and_output_weights else GLOBAL_TENSORS[:2]
     sources += [(name, find((name,)), None) for name in names]
-    expected = {e.ours: e for e in mapping(model)}
+    expected = model_tensor_shapes(model)
     for ours, fqn, layer in sources:
         meta = metadata[fqn]
-        shape = tuple(meta.size) if layer is None else tuple(meta.size[1:])
-        entry = expected[f"language_model.{ours}"]
-        wanted = tuple(entry.shape) if hasattr(entry, "shape") else shape
+        shape = _source_shape(checkpoint, fqn, meta, layer, model)
+        wanted = expected[f"language_model.{ours}"]
         if shape != wanted:
-            raise UserError(f"{fqn} has shape {shape} per layer, but the config needs {wanted}: pass the recipe "
-                            "(and overrides) the checkpoint was trained with")  # fmt: skip
+            raise UserError(f"{fqn} has shape {list(shape)} per layer, but the config needs {list(wanted)}: pass the "
+                            "recipe (and overrides) the checkpoint was trained with")  # fmt: skip
         tensors[f"language_model.{ours}"] = (
             torch.empty(shape, dtype=meta.properties.dtype, device="meta"),
-            lambda fqn=fqn, meta=meta, layer=layer: _read_slice(checkpoint, fqn, meta, layer).contiguous(),
+            lambda fqn=fqn, layer=layer: _read_slice(checkpoint, full_metadata, fqn, layer).contiguous(),
         )
     vision = [e for e in mapping(model) if isinstance(e, Plain) and e.ours.startswith("vision.")]
     record = {"model": to_dict(model), "source": {"torch_dist": str(checkpoint.resolve()),

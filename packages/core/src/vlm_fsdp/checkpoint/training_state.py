@@ -6,26 +6,25 @@ number of ranks and any expert-parallel layout):
 - `optimizer.state.<name>.{exp_avg,exp_avg_sq,step}`: AdamW's state of each parameter, merged over Megatron's
   chained optimizers (dense and expert parameters have one each under expert parallelism), with the one step count
   of the run; the parameter groups' settings come from the config and the `scheduler`, not from the checkpoint;
-- `scheduler`, `step`, `data` (the loader position as JSON, independent of the number of ranks) and `rng/<rank>`
-  (each rank's RNG states, pickled: DCP stores such opaque values whole instead of walking into them; a rank
-  without one, on a larger layout, keeps its fresh seed).
+- `scheduler`, `step`, `data` (the loader position, independent of the number of ranks) and `rng/<rank>/...`
+  (each rank's RNG states; a rank without one, on a larger layout, keeps its fresh seed), all as tensors
+  (`vlm_fsdp.checkpoint.run_state`): loading a checkpoint unpickles nothing.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
-import random
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core import parallel_state
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from vlm_fsdp.checkpoint.layout import PARTIAL, RUN_RECORD, finalize, iteration_dir, prune
+from vlm_fsdp.checkpoint.checksums import write_checksums
+from vlm_fsdp.checkpoint.layout import RUN_RECORD, finalize, iteration_dir, prune
+from vlm_fsdp.checkpoint.parallel_io import locked_partial, own_file_digests, verify
+from vlm_fsdp.checkpoint.run_state import from_json_tensor, json_tensor, rng_tensors, set_rng_tensors
+from vlm_fsdp.checkpoint.safe_reader import dcp_errors, load_tensors, read_metadata
 from vlm_fsdp.checkpoint.sharding import global_view
 from vlm_fsdp.errors import UserError
 from vlm_fsdp.model.experts import GroupedExperts
@@ -80,57 +79,44 @@ def _run_step_count(states: dict[str, dict], device: torch.device) -> torch.Tens
     return local
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-        state["cuda"] = torch.cuda.get_rng_state()
-        state["cuda_tracker"] = get_cuda_rng_tracker().get_states()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-        torch.cuda.set_rng_state(state["cuda"])
-        get_cuda_rng_tracker().set_states(state["cuda_tracker"])
-
-
 def save(*, save_dir: Path, step: int, trainable, loader_state: dict, run_record: str, keep: int, rank: int) -> Path:
-    """Write the checkpoint of `step` atomically (every rank calls this); returns its directory."""
+    """Write the checkpoint of `step` atomically (every rank calls this): under `.partial`, locked against a second
+    writer, with per-file checksums; returns its directory."""
     final = iteration_dir(save_dir, step)
-    partial = final.with_name(final.name + PARTIAL)
-    if rank == 0:
-        partial.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    model = model_state(trainable.wrapped)  # first: see `_optimizer_parts`
-    states = _optimizer_state(_optimizer_parts(trainable.optimizer, loading=False))
-    steps = _run_step_count(states, next(iter(states.values()))["exp_avg"].device)
-    states = {name: {**state, "step": steps.to(state["step"].device)} for name, state in states.items()}
-    sharded = as_global({"model": model, "optimizer": {"state": states}}, trainable.model)
-    state = sharded | {
-        "scheduler": trainable.scheduler.state_dict(),
-        "step": step,
-        "data": json.dumps(loader_state),
-        f"rng/{rank}": pickle.dumps(rng_state()),
-    }
-    dcp.save(state, checkpoint_id=partial)
-    torch.distributed.barrier()
-    if rank == 0:
-        (partial / RUN_RECORD).write_text(run_record)
-        finalize(partial, final)
-        prune(save_dir, keep)
+    with locked_partial(final) as partial:
+        torch.distributed.barrier()
+        model = model_state(trainable.wrapped)  # first: see `_optimizer_parts`
+        states = _optimizer_state(_optimizer_parts(trainable.optimizer, loading=False))
+        steps = _run_step_count(states, next(iter(states.values()))["exp_avg"].device)
+        states = {name: {**state, "step": steps.to(state["step"].device)} for name, state in states.items()}
+        sharded = as_global({"model": model, "optimizer": {"state": states}}, trainable.model)
+        state = sharded | {
+            "scheduler": json_tensor(trainable.scheduler.state_dict()),
+            "step": torch.tensor(step, dtype=torch.int64),
+            "data": json_tensor(loader_state),
+            f"rng/{rank}": rng_tensors(),
+        }
+        with dcp_errors(f"writing {partial}"):
+            dcp.save(state, checkpoint_id=partial)
+        torch.distributed.barrier()
+        digests = own_file_digests(partial, rank)
+        if rank == 0:
+            (partial / RUN_RECORD).write_text(run_record)
+            write_checksums(partial, known=digests)
+            finalize(partial, final, checksums=False)
+            prune(save_dir, keep)
     torch.distributed.barrier()
     return final
 
 
-def checkpoint_keys(path: Path) -> set[str]:
-    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+def checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """What the checkpoint holds: DCP key -> its storage metadata (shape and dtype of a tensor), read without
+    unpickling anything but DCP's metadata classes."""
+    return read_metadata(path).state_dict_metadata
+
+
+def _empty_like_saved(metadata: dict[str, Any], keys: list[str]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(tuple(metadata[k].size), dtype=metadata[k].properties.dtype) for k in keys}
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -151,16 +137,21 @@ def _require(path: Path, tree: dict, keys: set[str], what: str) -> None:
 
 
 def load_model(path: Path, trainable) -> None:
-    """Load only the model parameters (a training checkpoint, or one made by `vlm-fsdp convert`)."""
+    """Load only the model parameters (a training checkpoint, or one made by `vlm-fsdp convert`), after checking
+    its files against their checksums."""
+    verify(path)
     state = as_global({"model": model_state(trainable.wrapped)}, trainable.model)
-    _require(path, state, checkpoint_keys(path), "model tensors")
-    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    _require(path, state, set(checkpoint_metadata(path)), "model tensors")
+    load_tensors(state, path)
     _install(trainable.wrapped)
 
 
 def load(path: Path, trainable, rank: int) -> tuple[int, dict]:
-    """Restore a full training state, written at any layout; returns (step, loader state)."""
-    keys = checkpoint_keys(path)
+    """Restore a full training state, written at any layout, after checking its files against their checksums;
+    returns (step, loader state)."""
+    verify(path)
+    metadata = checkpoint_metadata(path)
+    keys = set(metadata)
     if "step" not in keys:
         raise UserError(
             f"{path} holds model weights only (no optimizer or step): start from it with "
@@ -170,19 +161,19 @@ def load(path: Path, trainable, rank: int) -> tuple[int, dict]:
     parts = _optimizer_parts(trainable.optimizer, loading=True)
     sharded = as_global({"model": model, "optimizer": {"state": _optimizer_state(parts)}}, trainable.model)
     _require(path, sharded, keys, "model or optimizer tensors")
-    state = sharded | {"scheduler": trainable.scheduler.state_dict(), "step": 0, "data": ""}
-    rng_key = f"rng/{rank}"
-    if rng_key in keys:
-        state[rng_key] = b""
-    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    _require(path, {"scheduler": 0, "data": 0}, keys, "run states")
+    state = sharded | _empty_like_saved(metadata, ["scheduler", "step", "data"])
+    rng = [k for k in keys if k.startswith(f"rng/{rank}.")]
+    state |= _empty_like_saved(metadata, rng)
+    load_tensors(state, path)
     _install(trainable.wrapped)
     for optimizer, part in zip(getattr(trainable.optimizer, "chained_optimizers", [trainable.optimizer]), parts,
                                strict=True):  # fmt: skip
         optimizer.load_state_dict(part)
-    trainable.scheduler.load_state_dict(state["scheduler"])
-    if rng_key in state:
-        set_rng_state(pickle.loads(state[rng_key]))
-    return int(state["step"]), json.loads(state["data"])
+    trainable.scheduler.load_state_dict(from_json_tensor(state["scheduler"]))
+    if rng:
+        set_rng_tensors({k.removeprefix(f"rng/{rank}."): state[k] for k in rng})
+    return int(state["step"]), from_json_tensor(state["data"])
 
 
 def _install(wrapped) -> None:

@@ -41,12 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from vlm_fsdp.cli.train import cuda_devices
     from vlm_fsdp.errors import UserError
+    from vlm_fsdp.known_warnings import silence
 
     config = config_from_args(args)
-    if not torch.cuda.is_available():
+    if cuda_devices() == 0:
         raise UserError("bench measures GPU throughput and needs a CUDA GPU; none is visible here")
+    silence()
+    import torch
     from vlm_fsdp.bench.report import render, write
     from vlm_fsdp.bench.run import run_bench
     from vlm_fsdp.provenance import provenance

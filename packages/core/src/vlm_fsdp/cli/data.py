@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from vlm_fsdp.cli.common import add_config_arguments, config_from_args
+from vlm_fsdp.errors import UserError
+
+REPORT = "prepare_report.jsonl"
+"""As vlm_fsdp.data.prepare.REPORT (not imported here: the parser is built without the data pipeline's imports)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prepare",
         help="convert a conversation JSONL into an Energon dataset",
         description="Check every sample (format, images decodable), write the usable ones as WebDataset shards "
-        "with train and val splits, and index them with Energon. Unusable samples are skipped and reported.",
+        "with train and val splits, and index them with Energon. Unusable samples (lines that are not UTF-8 or not "
+        "JSON, malformed conversations, missing, corrupt or unsupported images) are skipped: the console shows the "
+        f"first ones, OUTPUT_DIR/{REPORT} lists every one with its line number and reason. The dataset appears in "
+        "OUTPUT_DIR only once it is complete.",
     )
     prepare.add_argument("input", type=Path, metavar="INPUT.jsonl", help="training conversations")
     prepare.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="new or empty directory for the dataset")
@@ -40,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     prepare.add_argument(
         "--samples-per-shard", type=int, default=1000, metavar="N", help="samples per tar file (default: 1000)"
+    )
+    prepare.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="accept image paths that lead outside the folder of the JSONL file: absolute paths, '..' and "
+        "symlinks to elsewhere (by default such samples are skipped, so a JSONL cannot pull in other files)",
     )
     prepare.set_defaults(func=run_prepare)
 
@@ -78,6 +92,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         val=args.val,
         val_fraction=args.val_fraction,
         samples_per_shard=args.samples_per_shard,
+        allow_outside_paths=args.allow_outside_paths,
+        progress=sys.stderr.isatty(),
     )
     print(summary.render(args.output))
     return 0
@@ -87,6 +103,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from vlm_fsdp.data.inspect import inspect_dataset, render
     from vlm_fsdp.data.settings import resolve
 
+    check_dataset_dir(args.dir)
     config = config_from_args(args)
     config.data.path = str(args.dir)
     settings = resolve(config)
@@ -97,9 +114,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     from vlm_fsdp.data.bench import bench, render
-    from vlm_fsdp.errors import UserError
 
     config = config_from_args(args)
+    if config.data.path is not None:
+        check_dataset_dir(Path(config.data.path).expanduser(), "data.path=")
     if args.workers is not None:
         config.data.num_workers = args.workers
     if config.data.num_workers < 0 or args.microbatches < 1 or args.warmup < 1:
@@ -107,3 +125,13 @@ def run_bench(args: argparse.Namespace) -> int:
     result = bench(config, microbatches=args.microbatches, warmup=args.warmup)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
+
+
+def check_dataset_dir(path: Path, label: str = "") -> None:
+    """UserError unless `path` is a directory (whether it is a dataset, SplitReader says)."""
+    try:
+        problem = None if path.is_dir() else "is not a directory" if path.exists() else "does not exist"
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    if problem:
+        raise UserError(f"{label}{path} {problem}: give the folder that `vlm-fsdp data prepare` made")

@@ -5,23 +5,37 @@ from __future__ import annotations
 import time
 
 from vlm_fsdp.config.run import Config
+from vlm_fsdp.data.energon import SplitReader
 from vlm_fsdp.data.loader import build_loader
+from vlm_fsdp.data.settings import resolve
+from vlm_fsdp.errors import UserError
 
 
 def bench(config: Config, *, microbatches: int, warmup: int) -> dict:
-    """Time `microbatches` microbatches of the train loader after `warmup` ones (which include worker start-up)."""
+    """Time `microbatches` microbatches of the train loader after `warmup` ones (which include worker start-up).
+
+    The train split's shards are checked first, so a damaged dataset is reported (DatasetError) before timing."""
     started = time.perf_counter()
+    SplitReader(resolve(config).dataset, "train").check()
     loader = build_loader(config)
-    for _ in range(warmup):
-        next(loader)
-    ready = time.perf_counter()
-    samples = images = tokens = patches = 0
-    for _ in range(microbatches):
-        batch = next(loader)
-        samples += len(batch.doc_lengths)
-        images += len(batch.image_patches)
-        tokens += batch.num_tokens
-        patches += sum(batch.image_patches)
+    try:
+        for _ in range(warmup):
+            next(loader)
+        ready = time.perf_counter()
+        samples = images = tokens = patches = 0
+        for _ in range(microbatches):
+            batch = next(loader)
+            samples += len(batch.doc_lengths)
+            images += len(batch.image_patches)
+            tokens += batch.num_tokens
+            patches += sum(batch.image_patches)
+    except UserError as err:
+        message = worker_message(err)
+        if message == str(err):
+            raise
+        raise UserError(message) from None
+    finally:
+        loader.close()
     seconds = time.perf_counter() - ready
     return {
         "workers": config.data.num_workers,
@@ -34,6 +48,17 @@ def bench(config: Config, *, microbatches: int, warmup: int) -> dict:
         "patches_per_s": patches / seconds,
         "packing_efficiency": loader.stats.packing_efficiency,
     }
+
+
+def worker_message(err: UserError) -> str:
+    """The message of an error as it was raised: PyTorch's DataLoader re-raises a worker's exception with the
+    worker's traceback in its message."""
+    message = str(err)
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    name = f"{type(err).__name__}: "
+    return last[last.index(name) + len(name) :] if name in last else last
 
 
 def render(result: dict) -> str:

@@ -23,6 +23,7 @@ from vlm_fsdp.data.tokenizer import SpecialIds
 
 ROLES = ("system", "user", "assistant")
 BAD_FORMAT = "not a conversation"
+BAD_TEXT = "invalid text"
 
 
 class SampleError(Exception):
@@ -47,20 +48,46 @@ def normalize_messages(sample: Any) -> list[dict]:
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
             raise SampleError(BAD_FORMAT, f'message {i}: "content" must be a string or a list of parts')
-        for part in parts:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "image") or not isinstance(part.get(kind), str):
-                raise SampleError(
-                    BAD_FORMAT,
-                    f'message {i}: each content part must be {{"type": "text", "text": ...}} or '
-                    f'{{"type": "image", "image": "path"}}, got {part!r:.80}',
-                )
-            if kind == "image" and message["role"] == "assistant":
-                raise SampleError(BAD_FORMAT, f"message {i}: images in assistant messages are not supported")
-        messages.append({"role": message["role"], "content": parts})
+        messages.append({"role": message["role"], "content": [_part(part, i, message["role"]) for part in parts]})
     if not any(m["role"] == "assistant" and any(p.get("text") for p in m["content"]) for m in messages):
         raise SampleError("no assistant text", "nothing to learn from")
     return messages
+
+
+def _part(part: Any, i: int, role: str) -> dict:
+    """A content part reduced to its type and value."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in ("text", "image") or not isinstance(part.get(kind), str):
+        raise SampleError(
+            BAD_FORMAT,
+            f'message {i}: each content part must be {{"type": "text", "text": ...}} or '
+            f'{{"type": "image", "image": "path"}}, got {brief(part)}',
+        )
+    if kind == "image" and role == "assistant":
+        raise SampleError(BAD_FORMAT, f"message {i}: images in assistant messages are not supported")
+    check_text(part[kind], f"message {i}")
+    return {"type": kind, kind: part[kind]}
+
+
+def brief(value: Any) -> str:
+    """A JSON value as messages show it: never long, and never a deep walk through a nested one."""
+    if isinstance(value, dict):
+        keys = ", ".join(f"{key!r:.40}" for key in list(value)[:4])
+        return f"an object with keys {keys}" if value else "an empty object"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    return f"{value!r:.80}"
+
+
+def check_text(text: str, where: str) -> None:
+    """SampleError unless `text` can be stored as UTF-8: JSON can spell half of a UTF-16 surrogate pair
+    (`"\\ud800"`), which no UTF-8 text holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SampleError(
+            BAD_TEXT, f"{where}: character {err.start + 1} is a lone surrogate (\\u{ord(text[err.start]):04x})"
+        ) from None
 
 
 def image_refs(messages: list[dict]) -> list[str]:

@@ -6,12 +6,11 @@ from collections import Counter
 
 import numpy as np
 from vlm_fsdp.data.chat import SampleError, image_refs
-from vlm_fsdp.data.energon import SPLITS, SplitReader
+from vlm_fsdp.data.energon import SPLITS, NoSplitError, SplitReader
 from vlm_fsdp.data.images import ImageError, target_size
 from vlm_fsdp.data.prepare import plural
 from vlm_fsdp.data.samples import cost
 from vlm_fsdp.data.settings import DataSettings
-from vlm_fsdp.errors import UserError
 
 LONG_SIDE = (256, 512, 1024, 2048)
 
@@ -67,15 +66,16 @@ def inspect_split(reader: SplitReader, settings: DataSettings) -> dict:
 
 
 def inspect_dataset(settings: DataSettings) -> dict:
-    """`inspect_split` of every split of the dataset that has samples."""
+    """`inspect_split` of every split of the dataset that has samples; DatasetError names a damaged file."""
     out = {}
     for split in SPLITS:
         try:
             reader = SplitReader(settings.dataset, split)
-        except UserError:
+        except NoSplitError:
             if split == "train":
                 raise
             continue
+        reader.check()
         if len(reader):
             out[split] = inspect_split(reader, settings)
     return out

@@ -20,7 +20,7 @@ def cost(record: dict, settings: DataSettings) -> tuple[int, int]:
     try:
         grids = [grid_thw(sizes[ref][1], sizes[ref][0], settings.images) for ref in image_refs(record["messages"])]
     except ImageError as err:
-        raise SampleError("corrupt image", str(err)) from None
+        raise SampleError(err.kind, str(err)) from None
     tokens = [num_image_tokens(g, settings.images) for g in grids]
     encoded = encode(record["messages"], tokens, load_tokenizer(settings.tokenizer), settings.special)
     return len(encoded.ids), sum(t * h * w for t, h, w in grids)
@@ -37,7 +37,7 @@ def make_doc(parts: dict, settings: DataSettings) -> Doc:
         try:
             patches, grid = image_patches(parts[ref], sizes[ref], settings.images)
         except ImageError as err:
-            raise SampleError("corrupt image", f"{ref}: {err}") from None
+            raise SampleError(err.kind, f"{ref}: {err}") from None
         pixels.append(patches)
         grids.append(grid)
     tokens = [num_image_tokens(g, settings.images) for g in grids]

@@ -2,9 +2,11 @@
 
 The script starts one `vlm-fsdp train` per node with `srun --ntasks-per-node=1`; each of them starts the node's
 ranks through torch.distributed.run, and all meet at a c10d rendezvous on the job's first node. Before the time
-limit Slurm sends the batch shell USR1 (`--signal=B:USR1@120`); the script then requeues the job, and a requeued
-(or preempted and requeued) run passes `--resume`, so training continues from the latest checkpoint in the
-job's own output directory.
+limit Slurm sends the batch shell USR1 (`--signal=B:USR1@300`); the script passes it on through srun to the ranks,
+which finish their step, save a checkpoint and exit 0 (`vlm_fsdp.train.stopping`); then it requeues the job. A
+SIGTERM (preemption, `scancel`) is passed on the same way, without the requeue. A requeued (or preempted and
+requeued) run passes `--resume`, so training continues from the latest checkpoint in the job's own output
+directory.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 from vlm_fsdp.config.load import load_config
 from vlm_fsdp.config.recipes import recipe_summary
 
-# Seconds before the time limit at which Slurm signals the batch shell to requeue the job.
-REQUEUE_WARNING_S = 120
+# Seconds before the time limit at which Slurm signals the batch shell: enough to finish a step and save.
+REQUEUE_WARNING_S = 300
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +28,8 @@ class SlurmJob:
     recipe: str
     nodes: int
     gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU, which the run was checked to fit into."""
     config_file: str | None = None
     overrides: tuple[str, ...] = ()
     container: str | None = None
@@ -37,6 +41,8 @@ class SlurmJob:
         """The `vlm-fsdp slurm` command line that prints this job's script."""
         words = ["vlm-fsdp", "slurm", "--recipe", self.recipe, "--nodes", str(self.nodes)]
         words += ["--gpus-per-node", str(self.gpus_per_node)]
+        if self.gpu_memory_gib != 80.0:
+            words += ["--gpu-memory", f"{self.gpu_memory_gib:g}"]
         if self.container:
             words += ["--container", self.container]
         if self.pixi:
@@ -109,13 +115,21 @@ def sbatch_script(job: SlurmJob) -> str:
     ]
     body = f"""set -euo pipefail
 
-# Near the time limit (--signal above) put the job back in the queue; the next run resumes from its checkpoint.
-# shellcheck disable=SC2329  # called by the trap
-requeue() {{
-  echo "$(date -u +%FT%TZ) time limit in {REQUEUE_WARNING_S} s: requeueing job ${{SLURM_JOB_ID}}"
-  scontrol requeue "${{SLURM_JOB_ID}}"
+# Near the time limit (USR1, --signal above) and on SIGTERM, the ranks are asked (through srun) to finish their
+# step and save a checkpoint; after the time-limit signal the job is then put back in the queue, and the next run
+# resumes from that checkpoint.
+step=""
+requeue=0
+interrupted=0
+# shellcheck disable=SC2329  # called by the traps
+stop() {{
+  echo "$(date -u +%FT%TZ) $1: asking the ranks to finish their step and save a checkpoint"
+  interrupted=1
+  if [ "$1" = USR1 ]; then requeue=1; fi
+  if [ -n "${{step}}" ]; then kill -"$1" "${{step}}" 2>/dev/null || true; fi
 }}
-trap requeue USR1
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
 
 resume=()
 if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then
@@ -142,13 +156,17 @@ srun {srun_options} \\
   {arguments} \\
   "${{resume[@]}}" &
 step=$!
-# A trapped USR1 ends `wait` early: keep waiting until the training step itself has ended.
-status=0
-wait "${{step}}" || status=$?
-while kill -0 "${{step}}" 2>/dev/null; do
+# A trapped signal ends `wait` early: wait again until it returns the training step's own exit status.
+while :; do
+  interrupted=0
   status=0
   wait "${{step}}" || status=$?
+  if [ "${{interrupted}}" = 0 ]; then break; fi
 done
+if [ "${{requeue}}" = 1 ]; then
+  echo "$(date -u +%FT%TZ) time limit in {REQUEUE_WARNING_S} s: requeueing job ${{SLURM_JOB_ID}}"
+  scontrol requeue "${{SLURM_JOB_ID}}"
+fi
 exit "${{status}}"
 """
     return "\n".join(lines) + "\n" + body

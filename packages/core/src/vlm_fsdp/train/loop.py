@@ -1,8 +1,10 @@
 """The training run, top to bottom: set up, (re)start, step loop with gradient accumulation, validation,
-metrics and checkpoints."""
+metrics and checkpoints; a stop signal ends it after the current step with a checkpoint (`stopping.py`), and a
+step whose loss or gradient norm is not finite is skipped."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from functools import partial
@@ -20,11 +22,14 @@ from vlm_fsdp.config.validate import validate
 from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.errors import UserError
+from vlm_fsdp.known_warnings import NOTICE
+from vlm_fsdp.model.compat import HAVE_TE
 from vlm_fsdp.plan.flops import training_flops
 from vlm_fsdp.provenance import provenance, write_run_record
 from vlm_fsdp.train.build import Trainable, build
 from vlm_fsdp.train.metrics import StepLogger, StepStats, peak_tflops
 from vlm_fsdp.train.parallel import Dist, init_distributed, shutdown
+from vlm_fsdp.train.stopping import StopRequest
 
 
 def run_directories(config: Config) -> tuple[Path, Path]:
@@ -53,6 +58,8 @@ def train_loop(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
     if dist.is_main:
         write_run_record(out, config)
         print(to_yaml(config), flush=True)
+        if not HAVE_TE:
+            print(NOTICE, flush=True)
     trainable = build(config, dist.device)
     loader = build_loader(config, split="train", dp_rank=dist.dp_rank, dp_size=dist.dp_size)
     start = 0
@@ -86,33 +93,67 @@ def train_loop(config: Config, dist: Dist, *, resume: bool) -> list[StepStats]:
     history = []
     peak = peak_tflops(dist.device)
     microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
+
+    def save(step: int) -> Path:
+        path = training_state.save(
+            save_dir=save_dir,
+            step=step,
+            trainable=trainable,
+            loader_state=loader.state_dict(),
+            run_record=record,
+            keep=config.checkpoint.most_recent_k,
+            rank=dist.rank,
+        )
+        _say(dist, f"saved checkpoint {path}")
+        return path
+
+    bad_steps = 0
     try:
-        for step in range(start + 1, config.train.train_iters + 1):
-            stats = train_step(config, trainable, loader, dist, step, microbatches, peak)
-            history.append(stats)
-            if step % config.logger.log_interval == 0 or step == config.train.train_iters:
-                logger.step(stats)
-            if config.train.eval_interval and step % config.train.eval_interval == 0:
-                logger.validation(step, evaluate(config, trainable, dist))
-            interval = config.checkpoint.save_interval
-            if (interval and step % interval == 0) or step == config.train.train_iters:
-                path = training_state.save(
-                    save_dir=save_dir,
-                    step=step,
-                    trainable=trainable,
-                    loader_state=loader.state_dict(),
-                    run_record=record,
-                    keep=config.checkpoint.most_recent_k,
-                    rank=dist.rank,
-                )
-                _say(dist, f"saved checkpoint {path}")
+        with StopRequest() as stop:
+            for step in range(start + 1, config.train.train_iters + 1):
+                stats = train_step(config, trainable, loader, dist, step, microbatches, peak, stop=stop)
+                history.append(stats)
+                if step % config.logger.log_interval == 0 or step == config.train.train_iters or stats.skipped:
+                    logger.step(stats)
+                bad_steps = bad_steps + 1 if stats.skipped else 0
+                if bad_steps >= config.train.max_bad_steps:
+                    raise UserError(
+                        f"{bad_steps} steps in a row (train.max_bad_steps={config.train.max_bad_steps}) had a loss or "
+                        f"gradient norm that is not finite (last: step {step}, loss {stats.loss}, gradient norm "
+                        f"{stats.grad_norm}); none of them changed the weights. Lower optimizer.lr, check the data "
+                        "for broken samples, or resume from the latest checkpoint"
+                    )
+                if config.train.eval_interval and step % config.train.eval_interval == 0:
+                    logger.validation(step, evaluate(config, trainable, dist))
+                interval = config.checkpoint.save_interval
+                saved = (interval and step % interval == 0) or step == config.train.train_iters
+                if saved:
+                    save(step)
+                if stats.stop_signal:
+                    if not saved:
+                        save(step)
+                    _say(dist, f"stopped after step {step} on {stats.stop_signal}; continue with --resume")
+                    break
     finally:
         logger.close()
         loader.close()
     return history
 
 
-def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, microbatches: int, peak) -> StepStats:
+def train_step(
+    config: Config,
+    t: Trainable,
+    loader,
+    dist: Dist,
+    step: int,
+    microbatches: int,
+    peak,
+    *,
+    stop: StopRequest | None = None,
+) -> StepStats:
+    """One optimizer step over `microbatches` microbatches of `loader` on every rank. The update is skipped (and
+    the schedule does not advance) when the loss or the gradient norm is not finite; `stop`: this rank's signals,
+    which every rank learns of through the loss's all-reduce."""
     torch.cuda.reset_peak_memory_stats(dist.device)
     start = time.perf_counter()
     skipped_before = sum(loader.stats.skipped.values())
@@ -133,19 +174,25 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
     loss_tokens, tokens, flops = totals.tolist()
 
     loss_sum = forward_backward(config, t, batches)
+    stopping = float(stop is not None and stop.received is not None)
+    shared = torch.stack([loss_sum.double(), torch.tensor(stopping, dtype=torch.float64, device=dist.device)])
+    torch.distributed.all_reduce(shared)
+    loss_sum, stop_votes = shared.tolist()
+    loss_value = loss_sum / max(loss_tokens, 1.0)
     optimizer_start, optimizer_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     optimizer_start.record()
-    _, grad_norm, _ = t.optimizer.step()
+    updated, grad_norm = False, float("nan")
+    if math.isfinite(loss_value):
+        updated, grad_norm, _ = t.optimizer.step()
     optimizer_end.record()
-    t.scheduler.step(increment=1)
-    torch.distributed.all_reduce(loss_sum)
-    loss_value = loss_sum.item() / max(loss_tokens, 1.0)
+    if updated:
+        t.scheduler.step(increment=1)
     elapsed = time.perf_counter() - start
     tflops = flops / elapsed / dist.world_size / 1e12
     return StepStats(
         step=step,
         loss=loss_value,
-        grad_norm=float(grad_norm or 0.0),
+        grad_norm=float(grad_norm if grad_norm is not None else "nan"),
         lr=t.optimizer.param_groups[0]["lr"],
         tokens_per_s=tokens / elapsed,
         tflops_per_gpu=tflops,
@@ -156,6 +203,8 @@ def train_step(config: Config, t: Trainable, loader, dist: Dist, step: int, micr
         optimizer_time_s=optimizer_start.elapsed_time(optimizer_end) / 1000,
         skipped_images=sum(loader.stats.skipped.values()) - skipped_before,
         compiled_graphs=t.compiled_graphs() if t.compiled_graphs else None,
+        skipped=not updated,
+        stop_signal=(stop.received.name if stop is not None and stop.received else "a signal") if stop_votes else None,
     )
 
 

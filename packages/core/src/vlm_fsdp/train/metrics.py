@@ -50,10 +50,15 @@ class StepStats:
     optimizer_time_s: float
     skipped_images: int
     compiled_graphs: int | None = None
+    skipped: bool = False
+    """The update was skipped: the loss or the gradient norm was not finite."""
+    stop_signal: str | None = None
+    """The signal some rank received, after which the run stops (with a checkpoint)."""
 
     def line(self) -> str:
         mfu = f"{self.mfu:6.1%}" if self.mfu is not None else "   n/a"
         graphs = f"  graphs {self.compiled_graphs}" if self.compiled_graphs is not None else ""
+        graphs += "  SKIPPED (not finite)" if self.skipped else ""
         return (
             f"step {self.step:>6}  loss {self.loss:8.4f}  grad_norm {self.grad_norm:8.3f}  lr {self.lr:.2e}  "
             f"tokens/s {self.tokens_per_s:>10,.0f}  TFLOP/s {self.tflops_per_gpu:7.1f}  MFU {mfu}  "
@@ -98,7 +103,7 @@ class StepLogger:
         if not self.enabled:
             return
         print(stats.line(), flush=True)
-        values = {k: v for k, v in asdict(stats).items() if k != "step" and v is not None}
+        values = {k: v for k, v in asdict(stats).items() if k != "step" and isinstance(v, int | float)}
         for key, value in values.items():
             self.tensorboard.add_scalar(f"train/{key}", value, stats.step)
         if self.wandb is not None:

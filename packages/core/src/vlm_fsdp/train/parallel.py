@@ -19,12 +19,14 @@
    load-balancing loss included (which Megatron's router scales by the microbatch's tokens for exactly this).
 5. Workarounds for megatron-core 0.16.1 on the wrapped buffers (`_fix_undistributed_gradient_buffers`).
 6. Optimizer (`build_optimizer`): Megatron's distributed optimizer over the sharded fp32 main weights, with Adam
-   state for every parameter on every rank, also where a rank's shard of a parameter is empty, and (a workaround
-   again) replicated gradients counted once in the gradient norm (`_count_replicas_once`).
+   state for every parameter on every rank, also where a rank's shard of a parameter is empty, (a workaround
+   again) replicated gradients counted once in the gradient norm (`_count_replicas_once`), and no update from a
+   gradient whose norm is not finite (`_skip_non_finite_updates`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -211,6 +213,7 @@ def build_optimizer(wrapped, config: Config, tc: TransformerConfig, device: torc
         _use_fused_adam(optimizer)
     _create_adam_state(optimizer)
     _count_replicas_once(optimizer)
+    _skip_non_finite_updates(optimizer)
     return optimizer
 
 
@@ -258,6 +261,23 @@ def _count_replicas_once(optimizer) -> None:
             return [grad for grad in grads_for_norm() if id(grad) not in replicas]
 
         part.get_main_grads_for_grad_norm = first_replica_only
+
+
+def _skip_non_finite_updates(optimizer) -> None:
+    """Megatron's optimizer skips a step only when its fp16 loss scaler finds an overflow; in bf16 and fp32 it would
+    apply a NaN or infinite gradient. Its step computes the (global, so every rank agrees) gradient norm before it
+    updates: an update is made only when that norm is finite, and `step()` then reports it as not successful."""
+    grad_norm, update = optimizer.get_grad_norm, optimizer.step_with_ready_grads
+    last = [0.0]
+
+    def remembered_grad_norm():
+        last[0] = grad_norm()
+        return last[0]
+
+    def update_if_finite() -> bool:
+        return update() if math.isfinite(last[0]) else False
+
+    optimizer.get_grad_norm, optimizer.step_with_ready_grads = remembered_grad_norm, update_if_finite
 
 
 def _adam_optimizers(optimizer) -> list[torch.optim.AdamW]:
