@@ -24,6 +24,7 @@ from vlm_fsdp.train.build import build
 from vlm_fsdp.train.loop import train
 from vlm_fsdp.train.parallel import init_distributed, shutdown
 
+from .checkpoint_tensors import model_tensors
 from .parity import build_pair, compare, hf_loss_sum
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -140,22 +141,6 @@ def test_compiled_run_follows_the_eager_run_without_recompiling(tmp_path):
         assert b.loss == pytest.approx(a.loss, rel=2e-2), (a, b)
 
 
-def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
-    state = {
-        "model": {
-            k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
-            for k, m in metadata.items()
-            if k.startswith("model.")
-        }
-    }
-    dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
-    return state["model"]
-
-
 def _losses(output: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in re.findall(r"^step\s+(\d+)\s+loss\s+([\d.naninf]+)", output, re.M)}
 
@@ -184,8 +169,8 @@ def test_a_signal_mid_run_saves_and_resuming_continues_the_uninterrupted_run(tmp
     assert sorted(losses) == list(range(1, 9))
     for stats in full:
         assert losses[stats.step] == pytest.approx(stats.loss, abs=1e-4), stats.step
-    ours = _model_tensors(tmp_path / "cut" / "checkpoints" / "iter_0000008")
-    reference = _model_tensors(tmp_path / "full" / "checkpoints" / "iter_0000008")
+    ours = model_tensors(tmp_path / "cut" / "checkpoints" / "iter_0000008")
+    reference = model_tensors(tmp_path / "full" / "checkpoints" / "iter_0000008")
     for name, tensor in reference.items():
         assert torch.equal(ours[name], tensor), name
 

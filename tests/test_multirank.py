@@ -24,11 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from vlm_fsdp.cli.main import main
 
+from tests.checkpoint_tensors import model_tensors
 from tests.gloo.ranks import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -229,19 +227,6 @@ def test_hugging_face_weights_load_into_an_expert_parallel_run(two, hf_model):
         assert torch.equal(weights[entry.ours].reshape(expected.shape), expected), entry.ours
 
 
-def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
-    state = {
-        "model": {
-            k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
-            for k, m in metadata.items()
-            if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
-        }
-    }
-    dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
-    return state["model"]
-
-
 def test_an_expert_parallel_checkpoint_converts_to_hugging_face_and_back_bitwise(two, tmp_path, capsys):
     checkpoint = Path(_step2(two["dir"] / "run_ep2"))
     assert main(["inspect", str(checkpoint), "--json"]) == 0
@@ -252,7 +237,7 @@ def test_an_expert_parallel_checkpoint_converts_to_hugging_face_and_back_bitwise
     exported, back = tmp_path / "hf", tmp_path / "back"
     assert main(["convert", "fsdp-to-hf", "--ckpt", str(checkpoint), "--out", str(exported), "--dtype", "float32"]) == 0
     assert main(["convert", "hf-to-fsdp", "--hf", str(exported), "--out", str(back)]) == 0
-    original, converted = _model_tensors(checkpoint), _model_tensors(back)
+    original, converted = model_tensors(checkpoint), model_tensors(back)
     assert sorted(original) == sorted(converted)
     for name, tensor in original.items():
         assert torch.equal(converted[name], tensor), name
