@@ -13,7 +13,7 @@ sequences and the bundled data, four sequences per optimizer step.
 - Hugging Face weights load into an expert-parallel run; an expert-parallel checkpoint converts to Hugging Face
   and back bitwise, and `inspect` reads it.
 
-Each world size starts its processes once and runs its jobs in turn (about five minutes in all on two cores).
+Each world size starts its processes once per few jobs and runs them in turn (about six minutes in all on two cores).
 """
 
 from __future__ import annotations
