@@ -63,8 +63,8 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Throughput of vlm-fsdp against transformers on one GPU (prints a table, writes PNG + JSON)."""
-    sync(session)
+    """Throughput of vlm-fsdp against transformers and transformers + Liger on one GPU (table, PNG, JSON)."""
+    sync(session, "--extra", "bench")
     session.run("vlm-fsdp", "bench", *session.posargs)
 
 

@@ -44,22 +44,32 @@ def test_report_has_table_json_and_chart(tmp_path):
         "rest_s": 0.74,
         "loss": 3.0,
     }
-    results = {"images": {"vlm-fsdp": {**figures, "tokens_per_s": 5000.0}, "transformers": figures}}
+    variants = {
+        "images": {
+            "vlm-fsdp": {**figures, "tokens_per_s": 5000.0},
+            "transformers": figures,
+            "transformers+liger": {**figures, "tokens_per_s": 2000.0},
+        }
+    }
+    results = {"8 microbatches": variants, "1 microbatch": variants}
     table = render(results)
-    assert "speed-up" in table and "5.00x" in table
+    assert table.count("vs transformers ") == 2 and "5.00x" in table
+    assert table.count("vs transformers+liger") == 2 and "2.50x" in table
+    assert table.index("8 microbatches") < table.index("1 microbatch")
     record, chart = write(results, {"recipe": "tiny", "device": "test"}, tmp_path)
     assert json.loads(record.read_text())["results"] == results
     assert chart.read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_system_that_ran_out_of_memory_is_reported_without_a_ratio(tmp_path):
-    results = {"text": {"vlm-fsdp": {"error": "out of GPU memory: tried to allocate"}, "transformers": {}}}
-    results["text"]["transformers"] = {key: 1.0 for key in ("tokens_per_s", "tflops_per_gpu", "mfu")} | {
+    text = {"vlm-fsdp": {"error": "out of GPU memory: tried to allocate"}}
+    text["transformers"] = {key: 1.0 for key in ("tokens_per_s", "tflops_per_gpu", "mfu")} | {
         key: 0.5
         for key in ("peak_memory_gib", "step_time_s", "data_wait_s", "vision_forward_s", "optimizer_s", "rest_s")
     }
+    results = {"1 microbatch": {"text": text}}
     table = render(results)
-    assert "vlm-fsdp      out of GPU memory" in table and "speed-up" not in table
+    assert "vlm-fsdp            out of GPU memory" in table and "vs transformers" not in table
     _, chart = write(results, {"recipe": "tiny", "device": "test"}, tmp_path)
     assert chart.exists()
 
@@ -78,3 +88,51 @@ def test_summary_averages_steps_and_leaves_the_rest_to_the_language_model_and_ba
     summary = _summary(steps)
     assert summary["tokens_per_s"] == 15.0 and summary["step_time_s"] == 1.5
     assert summary["rest_s"] == pytest.approx(1.5 - 0.1 - 0.3 - 0.2)
+
+
+def test_liger_needs_its_extra_and_its_patch_stays_inside_the_liger_run(monkeypatch):
+    import importlib.util
+
+    from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as module
+    from vlm_fsdp.bench.hf_baseline import liger_kernels
+    from vlm_fsdp.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a)
+    )
+    with pytest.raises(UserError, match="uv sync --extra bench"), liger_kernels():
+        pass
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    rope = module.apply_rotary_pos_emb
+    with liger_kernels():
+        module.apply_rotary_pos_emb = None  # what Liger's patch does to the module
+    assert module.apply_rotary_pos_emb is rope
+
+
+def test_bench_runs_every_setting_variant_and_system_and_reports_progress(monkeypatch):
+    """The orchestration alone (the systems need a GPU): each system gets the setting's microbatches per step and
+    the variant's data, a system out of memory is recorded and the next still runs, progress follows every run."""
+    from vlm_fsdp.bench import run
+
+    seen, reported = [], []
+
+    def system(name):
+        def bench(config, warmup, steps, path):
+            seen.append((name, config.train.global_batch_size, config.data.text_only))
+            if name == "transformers" and config.data.text_only:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
+            return {"tokens_per_s": 1.0}
+
+        return bench
+
+    monkeypatch.setattr(run, "RUNNERS", {name: system(name) for name in run.SYSTEMS})
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    config = load_config("qwen3_vl_30b_a3b_proxy")
+    results = run.run_bench(
+        config, warmup=1, steps=1, systems=run.SYSTEMS, settings=tuple(run.SETTINGS), progress=reported.append
+    )
+    assert len(seen) == len(reported) == 12
+    assert {(gbs, text) for _, gbs, text in seen} == {(8, False), (8, True), (1, False), (1, True)}
+    assert results["8 microbatches"]["text"]["transformers"]["error"].startswith("out of GPU memory")
+    assert results["1 microbatch"]["text"]["transformers+liger"] == {"tokens_per_s": 1.0}

@@ -1,8 +1,14 @@
-"""The transformers baseline: `Qwen3VLMoeForConditionalGeneration` built from the same config, trained with
+"""The transformers baselines: `Qwen3VLMoeForConditionalGeneration` built from the same config, trained with
 AdamW on the same packed microbatches (each packed row is one sequence to it, as transformers' attention has no
-notion of packed samples), bf16 weights, SDPA attention."""
+notion of packed samples), bf16 weights, SDPA attention; and the same with Liger's kernels (`liger-kernel`, the
+`bench` extra): its Qwen3-VL-MoE patch of RoPE, RMSNorm and the experts' SwiGLU, and its fused linear
+cross-entropy."""
 
 from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
@@ -11,13 +17,39 @@ from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.model.hf_config import hf_config_dict
 
 
-def build_hf(config: Config, device: torch.device):
+@contextmanager
+def liger_kernels() -> Iterator[None]:
+    """Liger's patch of transformers' Qwen3-VL-MoE module for as long as the context lasts: Liger replaces the
+    module's functions and classes in place, which would otherwise reach every later model of this process."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        from vlm_fsdp.errors import UserError
+
+        raise UserError(
+            "the transformers+liger system needs liger-kernel: run `uv sync --extra bench` (or leave it out of "
+            "--systems)"
+        )
+    from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe
+
+    saved = dict(vars(modeling_qwen3_vl_moe))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_qwen3_vl_moe, name, value)
+
+
+def build_hf(config: Config, device: torch.device, *, liger: bool = False):
+    """The model and its optimizer; with `liger`, patched by Liger (call it inside `liger_kernels`)."""
     torch.manual_seed(config.train.seed)
     hf_config = Qwen3VLMoeConfig(**hf_config_dict(config.model))
     with torch.device(device):
         model = Qwen3VLMoeForConditionalGeneration._from_config(
             hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
         )
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl_moe
+
+        apply_liger_kernel_to_qwen3_vl_moe(model=model)
     o = config.optimizer
     optimizer = torch.optim.AdamW(
         model.parameters(),

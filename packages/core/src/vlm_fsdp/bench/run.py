@@ -1,9 +1,10 @@
-"""Run both systems on the same batches and collect their figures.
+"""Run the systems on the same batches and collect their figures, in two settings: eight microbatches per
+optimizer step (`train.global_batch_size=8`, as training runs) and one.
 
-Both see the microbatches the loader produces for the config (same seed, same order), in bf16, with AdamW and
-the same learning rate; figures are averaged over the steps after the warm-up. Tokens/s counts useful tokens,
-TFLOP/s and MFU come from `vlm_fsdp.plan.flops` on those batches for both systems, so the ratio of the two
-is a ratio of time.
+Every system sees the microbatches the loader produces for the config (same seed, same order, the recipe's
+microbatch size), in bf16, with AdamW and the same learning rate; figures are averaged over the steps after the
+warm-up. Tokens/s counts useful tokens, TFLOP/s and MFU come from `vlm_fsdp.plan.flops` on those batches for
+every system, so the ratio of two is a ratio of time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from statistics import mean
 
 import torch
-from vlm_fsdp.bench.hf_baseline import build_hf, hf_inputs
+from vlm_fsdp.bench.hf_baseline import build_hf, hf_inputs, liger_kernels
+from vlm_fsdp.bench.report import SETTINGS, SYSTEMS
 from vlm_fsdp.bench.timing import VisionTimer
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.loader import build_loader
@@ -94,9 +96,16 @@ def bench_ours(config: Config, warmup: int, steps: int, profile_path: Path | Non
         torch.cuda.empty_cache()
 
 
-def bench_transformers(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
+def bench_liger(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
+    with liger_kernels():
+        return bench_transformers(config, warmup, steps, profile_path, liger=True)
+
+
+def bench_transformers(
+    config: Config, warmup: int, steps: int, profile_path: Path | None = None, *, liger: bool = False
+) -> dict:
     device = torch.device("cuda")
-    model, optimizer = build_hf(config, device)
+    model, optimizer = build_hf(config, device, liger=liger)
     timer = VisionTimer(model.model.visual)
     loader = build_loader(config)
     microbatches = config.train.global_batch_size // config.train.micro_batch_size
@@ -152,22 +161,43 @@ def bench_transformers(config: Config, warmup: int, steps: int, profile_path: Pa
     return _summary(rows)
 
 
+RUNNERS = dict(zip(SYSTEMS, (bench_ours, bench_transformers, bench_liger), strict=True))
+
+
 def run_bench(
-    config: Config, *, warmup: int, steps: int, systems: tuple[str, ...], profile_dir: Path | None = None
+    config: Config,
+    *,
+    warmup: int,
+    steps: int,
+    systems: tuple[str, ...],
+    settings: tuple[str, ...],
+    profile_dir: Path | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Figures per variant ("images", "text") and system ("vlm-fsdp", "transformers"); a system that runs out
-    of GPU memory is recorded as such and the others still run."""
-    runners = {"vlm-fsdp": bench_ours, "transformers": bench_transformers}
+    """Figures per setting (`SETTINGS`), variant ("images", "text") and system (`RUNNERS`); a system that runs
+    out of GPU memory is recorded as such and the others still run. `progress` gets the results so far after
+    each system's run."""
     results = {}
-    for variant, text_only in (("images", False), ("text", True)):
-        variant_config = replace(config, data=replace(config.data, text_only=text_only))
-        results[variant] = {}
-        for system in systems:
-            path = profile_dir / f"profile_{system}_{variant}.txt" if profile_dir else None
-            try:
-                results[variant][system] = runners[system](variant_config, warmup, steps, path)
-            except torch.OutOfMemoryError as error:
-                results[variant][system] = {"error": f"out of GPU memory: {str(error).splitlines()[0]}"}
-                gc.collect()
-                torch.cuda.empty_cache()
+    for setting in settings:
+        step_batch = SETTINGS[setting] * config.train.micro_batch_size
+        results[setting] = {}
+        for variant, text_only in (("images", False), ("text", True)):
+            variant_config = replace(
+                config,
+                data=replace(config.data, text_only=text_only),
+                train=replace(config.train, global_batch_size=step_batch),
+            )
+            results[setting][variant] = {}
+            for system in systems:
+                name = f"profile_{system}_{variant}_{SETTINGS[setting]}mb.txt"
+                path = profile_dir / name if profile_dir else None
+                try:
+                    figures = RUNNERS[system](variant_config, warmup, steps, path)
+                except torch.OutOfMemoryError as error:
+                    figures = {"error": f"out of GPU memory: {str(error).splitlines()[0]}"}
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                results[setting][variant][system] = figures
+                if progress:
+                    progress(results)
     return results

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlm_fsdp.bench.report import SETTINGS, SYSTEMS
 from vlm_fsdp.cli.common import add_config_arguments, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="benchmark the trainer against transformers on one GPU (table, PNG chart, JSON)",
-        description="Train the recipe (default: the qwen3_vl_30b_a3b_proxy) with vlm-fsdp and with transformers' "
-        "Qwen3VLMoeForConditionalGeneration built from the same config, on the same bundled photos packed into "
-        "sequences and on the text-only data, bf16, AdamW. Prints useful tokens/s, TFLOP/s and MFU from one FLOP "
-        "formula, peak memory and a step-time breakdown (data wait, vision forward, optimizer, and the rest: the "
-        "language model's forward and both backward passes) after warm-up steps, and writes bench.json and "
-        "bench.png.",
+        help="benchmark the trainer against transformers and transformers + Liger on one GPU (table, chart, JSON)",
+        description="Train the recipe (default: the qwen3_vl_30b_a3b_proxy) with vlm-fsdp, with transformers' "
+        "Qwen3VLMoeForConditionalGeneration built from the same config, and with that model patched by Liger's "
+        "kernels (the `bench` extra), on the same bundled photos packed into sequences and on the text-only data, "
+        "bf16, AdamW, at eight microbatches per optimizer step and at one. Prints useful tokens/s, TFLOP/s and MFU "
+        "from one FLOP formula, peak memory and a step-time breakdown (data wait, vision forward, optimizer, and "
+        "the rest: the language model's forward and both backward passes) after warm-up steps, and writes "
+        "bench.json and bench.png.",
     )
     add_config_arguments(parser)
     parser.set_defaults(recipe="qwen3_vl_30b_a3b_proxy")
@@ -26,9 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--systems",
         nargs="+",
-        choices=("vlm-fsdp", "transformers"),
-        default=["vlm-fsdp", "transformers"],
-        help="what to run (default: both)",
+        choices=SYSTEMS,
+        default=list(SYSTEMS),
+        help="what to run (default: all three)",
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=tuple(SETTINGS),
+        default=list(SETTINGS),
+        help="microbatches per optimizer step (default: both; each microbatch is the recipe's, 4,096 tokens on the "
+        "proxy)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json and bench.png go")
     parser.add_argument(
@@ -50,25 +60,39 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("bench measures GPU throughput and needs a CUDA GPU; none is visible here")
     silence()
     import torch
-    from vlm_fsdp.bench.report import render, write
+    from vlm_fsdp.bench.report import render, write, write_record
     from vlm_fsdp.bench.run import run_bench
     from vlm_fsdp.provenance import provenance
+
+    meta = {
+        "recipe": config.recipe,
+        "device": torch.cuda.get_device_name(),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "micro_batch_size": config.train.micro_batch_size,
+        "seq_length": config.model.seq_length,
+        "provenance": provenance(),
+    }
+    total = len(args.settings) * 2 * len(args.systems)
+
+    def progress(results: dict) -> None:
+        runs = [(s, v, name, f) for s, variants in results.items() for v, systems in variants.items()
+                for name, f in systems.items()]  # fmt: skip
+        setting, variant, system, figures = runs[-1]
+        outcome = f"{figures['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in figures else figures["error"]
+        record = write_record(results, meta, args.out)
+        print(f"[{len(runs)}/{total}] {setting}, {variant}, {system}: {outcome} (so far in {record})", flush=True)
 
     results = run_bench(
         config,
         warmup=args.warmup,
         steps=args.steps,
         systems=tuple(args.systems),
+        settings=tuple(args.settings),
         profile_dir=args.out if args.profile else None,
+        progress=progress,
     )
     print(render(results))
-    meta = {
-        "recipe": config.recipe,
-        "device": torch.cuda.get_device_name(),
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "provenance": provenance(),
-    }
     record, chart = write(results, meta, args.out)
     print(f"wrote {record} and {chart}")
     return 0

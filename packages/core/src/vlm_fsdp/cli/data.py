@@ -120,7 +120,7 @@ def run_bench(args: argparse.Namespace) -> int:
         check_dataset_dir(Path(config.data.path).expanduser(), "data.path=")
     if args.workers is not None:
         config.data.num_workers = args.workers
-    if config.data.num_workers < 0 or args.microbatches < 1 or args.warmup < 1:
+    if (args.workers is not None and args.workers < 0) or args.microbatches < 1 or args.warmup < 1:
         raise UserError("--workers must be >= 0, --microbatches and --warmup >= 1")
     result = bench(config, microbatches=args.microbatches, warmup=args.warmup)
     print(json.dumps(result, indent=2) if args.json else render(result))

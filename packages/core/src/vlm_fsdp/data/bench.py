@@ -38,7 +38,7 @@ def bench(config: Config, *, microbatches: int, warmup: int) -> dict:
         loader.close()
     seconds = time.perf_counter() - ready
     return {
-        "workers": config.data.num_workers,
+        "workers": loader.settings.num_workers,
         "microbatches": microbatches,
         "startup_s": ready - started,
         "seconds": seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def resolve(config: Config) -> DataSettings:
     """The data settings of a run, or a ConfigError that says which setting is wrong and how to fix it."""
     data, model = config.data, config.model
     for name, low in (("num_workers", 0), ("prefetch_factor", 1), ("packing_window", 1)):
-        if getattr(data, name) < low:
+        if getattr(data, name) is not None and getattr(data, name) < low:
             raise ConfigError(f"data.{name} must be at least {low}, got {getattr(data, name)}")
     if data.timeout_seconds <= 0:
         raise ConfigError(f"data.timeout_seconds must be positive, got {data.timeout_seconds}")
@@ -76,10 +77,18 @@ def resolve(config: Config) -> DataSettings:
         packing_window=data.packing_window,
         seed=config.train.seed,
         strict=data.strict,
-        num_workers=data.num_workers,
+        num_workers=default_workers() if data.num_workers is None else data.num_workers,
         prefetch_factor=data.prefetch_factor,
         timeout_seconds=data.timeout_seconds,
     )
+
+
+def default_workers() -> int:
+    """Data workers for `data.num_workers: null`: one per CPU core of this rank's share of the node (the ranks a
+    launcher started on it share its cores), less one for the rank itself; at least 1, at most 8."""
+    cores = len(os.sched_getaffinity(0))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, cores // max(ranks, 1) - 1))
 
 
 def processor_config(tokenizer_path: Path) -> dict:

@@ -8,6 +8,8 @@ Design choices:
 - Positions: `position_embedding_type="none"` and `_preprocess` supplies interleaved mRoPE angles computed from
   the `[3, batch, seq]` position ids (Megatron-Core's own mRoPE is the sectioned Qwen2-VL variant).
 - Packed samples: the cumulative sequence lengths travel in the `attention_mask` argument to `PackedAttention`.
+- Loss: the output layer computes the cross-entropy chunk by chunk (`linear_loss.py`), never the whole
+  microbatch's logits, when labels are given.
 - DeepStack: forward hooks on the first decoder layers add the vision features of DeepStack level i to the
   output of layer i at image-token positions (they also run when a layer is recomputed).
 """
@@ -29,7 +31,7 @@ from vlm_fsdp.model import compat  # noqa: F401  (patches megatron-core before l
 from vlm_fsdp.model.attention import PackedAttention
 from vlm_fsdp.model.dispatch import MoE
 from vlm_fsdp.model.experts import GroupedExperts
-from vlm_fsdp.model.layers import ColumnLinear, Router, RowLinear, make_resettable
+from vlm_fsdp.model.layers import ColumnLinear, OutputLayer, Router, RowLinear, make_resettable
 from vlm_fsdp.model.rope import mrope_frequencies
 
 
@@ -72,6 +74,7 @@ class LanguageModel(GPTModel):
         self.rotary_base = model.rotary_base
         self.mrope_section = list(model.mrope_section)
         make_resettable(self.embedding.word_embeddings, config.init_method)
+        self.output_layer.__class__ = OutputLayer
         make_resettable(self.output_layer, config.init_method)
         self.deepstack: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
         for index, layer in enumerate(self.decoder.layers):
@@ -83,6 +86,13 @@ class LanguageModel(GPTModel):
             position_ids, head_dim=self.config.kv_channels, base=self.rotary_base, section=self.mrope_section
         )
         return tuple(out)
+
+    def _postprocess(self, hidden_states, labels=None, **kwargs):
+        if labels is None:
+            return super()._postprocess(hidden_states, labels=None, **kwargs)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        loss, _ = self.output_layer(hidden_states, weight=weight, labels=labels.t())  # [seq, batch] like the states
+        return loss.t()
 
     def _deepstack_hook(self, index: int):
         def add_features(module, inputs, output):

@@ -48,9 +48,7 @@ class Qwen3VLMoe(MegatronModule):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Per-token cross-entropy `[batch, seq]` in fp32; zero where `batch.labels` is -100."""
-        mask = batch.labels != -100
-        loss = self._decode(batch, labels=torch.where(mask, batch.labels, 0))
-        return loss * mask
+        return self._decode(batch, labels=batch.labels)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Output logits `[batch, seq, vocab]`."""
