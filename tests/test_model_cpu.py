@@ -144,3 +144,19 @@ def test_text_only_microbatch_runs_the_vision_tower_only_when_other_ranks_may(co
         else:
             assert all(g is None for g in vision_grads)
     assert torch.equal(losses[True], losses[False])
+
+
+def test_bf16_model_has_no_fp32_weights_so_every_norm_takes_the_fused_kernel(config):
+    """Megatron-Core builds its PyTorch RMSNorms in fp32; in a bf16 model a norm with an fp32 weight and bf16 input
+    falls back to torch's unfused RMSNorm. Every weight of the bf16 model is bf16 (the optimizer keeps fp32 copies)."""
+    from dataclasses import replace
+
+    from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
+    from vlm_fsdp.model.transformer_config import transformer_config
+
+    bf16 = replace(config.model, bf16=True)
+    with torch.device("meta"):
+        model = Qwen3VLMoe(transformer_config(bf16, on_meta_device=True), bf16, torch.device("meta"))
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert any("layernorm" in name for name in dtypes)
+    assert {name for name, dtype in dtypes.items() if dtype != torch.bfloat16} == set()

@@ -71,6 +71,12 @@ class LanguageModel(GPTModel):
             position_embedding_type="none",
             share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         )
+        # Megatron-Core builds its PyTorch norms in fp32 whatever params_dtype is: with bf16 activations every
+        # RMSNorm would then take torch's unfused path (input and weight dtypes differ); Megatron's own bf16 models
+        # are cast whole (Float16Module), norms included
+        for module in self.modules():
+            if isinstance(module, torch.nn.RMSNorm):
+                module.to(config.params_dtype)
         self.rotary_base = model.rotary_base
         self.mrope_section = list(model.mrope_section)
         make_resettable(self.embedding.word_embeddings, config.init_method)

@@ -46,7 +46,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = _chunk_rows(weight.shape[0])
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # a frozen output layer (model.freeze_language_model) needs no weight gradient
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         for start in range(0, hidden.shape[0], rows):
             end = start + rows
             h, y = hidden[start:end], labels[start:end]
@@ -56,7 +59,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(len(y), device=y.device), y] -= 1.0
             grad = grad.mul_(counted[start:end, None]).to(hidden.dtype)
             grad_hidden[start:end] = grad @ weight
-            _add_product(grad_weight, grad.t(), h)
+            if grad_weight is not None:
+                _add_product(grad_weight, grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight, counted)
         ctx.weight_dtype = weight.dtype
         return losses
@@ -67,7 +71,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # the one incoming gradient every counted token shares (see the module docstring)
         scale = (grad_losses * counted).sum() / counted.sum().clamp(min=1)
         torch._assert_async(((grad_losses - scale) * counted).abs().amax() <= scale.abs() * 1e-5 + 1e-30)
-        return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None
+        grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
+        return grad_hidden * scale, grad_weight, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

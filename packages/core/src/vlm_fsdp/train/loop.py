@@ -160,24 +160,19 @@ def train_step(
     batches = [next(loader).to(dist.device) for _ in range(microbatches)]
     data_wait = time.perf_counter() - start
 
-    local = torch.tensor(
-        [
-            sum(b.num_loss_tokens for b in batches),
-            sum(b.num_tokens for b in batches),
-            sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches),
-        ],
-        dtype=torch.float64,
-        device=dist.device,
-    )
-    totals = local.clone()
-    torch.distributed.all_reduce(totals)
-    loss_tokens, tokens, flops = totals.tolist()
+    counts = [
+        sum(b.num_loss_tokens for b in batches),
+        sum(b.num_tokens for b in batches),
+        sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches),
+    ]
 
     loss_sum = forward_backward(config, t, batches)
     stopping = float(stop is not None and stop.received is not None)
-    shared = torch.stack([loss_sum.double(), torch.tensor(stopping, dtype=torch.float64, device=dist.device)])
+    # one all-reduce, and one wait for the GPU, per step: after the backward pass, which the update needs anyway
+    host = torch.tensor([*counts, stopping], dtype=torch.float64).to(dist.device, non_blocking=True)
+    shared = torch.cat([host, loss_sum.double().reshape(1)])
     torch.distributed.all_reduce(shared)
-    loss_sum, stop_votes = shared.tolist()
+    loss_tokens, tokens, flops, stop_votes, loss_sum = shared.tolist()
     loss_value = loss_sum / max(loss_tokens, 1.0)
     optimizer_start, optimizer_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     optimizer_start.record()

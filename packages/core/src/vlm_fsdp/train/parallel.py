@@ -212,7 +212,8 @@ def build_optimizer(wrapped, config: Config, tc: TransformerConfig, device: torc
     if device.type == "cuda":
         _use_fused_adam(optimizer)
     _create_adam_state(optimizer)
-    _count_replicas_once(optimizer)
+    if config.ddp.data_parallel_sharding_strategy == "no_shard":
+        _count_replicas_once(optimizer)
     _skip_non_finite_updates(optimizer)
     return optimizer
 
@@ -246,7 +247,8 @@ def _count_replicas_once(optimizer) -> None:
     """megatron-core 0.16.1's distributed optimizer sums every rank's squared gradients into the gradient norm,
     which is right for sharded gradients. Unsharded (`no_shard`), every rank of a data-parallel group holds the same
     whole gradients, and the norm, hence the clipping, came out sqrt(group size) times too large: only the group's
-    first rank counts a replicated gradient."""
+    first rank counts a replicated gradient (the sharded strategies replicate none, and skip this per-step pass
+    over the parameters)."""
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         grads_for_norm = part.get_main_grads_for_grad_norm
 

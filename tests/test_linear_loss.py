@@ -1,0 +1,67 @@
+"""The chunked output layer + cross-entropy (`vlm_fsdp.model.linear_loss`) against logits and torch's
+cross-entropy: losses and gradients over several chunks, ignored tokens, a frozen weight, and the contract on the
+incoming gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vlm_fsdp.model import linear_loss
+from vlm_fsdp.model.linear_loss import linear_cross_entropy
+
+VOCAB = 1000
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(linear_loss, "CHUNK_BYTES", 4 * VOCAB * 7)  # 7 tokens per chunk: 33 tokens make 5 chunks
+
+
+def _inputs(dtype, weight_grad=True):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, dtype=dtype, requires_grad=weight_grad)
+    labels = torch.randint(0, VOCAB, (3, 11))
+    labels[0, :4] = labels[2, -1] = -100
+    return hidden, weight, labels
+
+
+def _reference(hidden, weight, labels):
+    logits = (hidden @ weight.t()).float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_losses_and_gradients_equal_cross_entropy_over_the_logits(dtype, bound):
+    hidden, weight, labels = _inputs(dtype)
+    losses = linear_cross_entropy(hidden, weight, labels)
+    (losses.sum() * 0.37).backward()
+    ours = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    reference = _reference(hidden, weight, labels)
+    (reference.sum() * 0.37).backward()
+    assert (losses - reference).abs().max() < 1e-5
+    assert losses[labels == -100].eq(0).all()
+    for got, expected in zip(ours, (hidden.grad, weight.grad), strict=True):
+        assert got.dtype == expected.dtype
+        assert (got - expected).abs().max() / expected.abs().max() < bound
+    with torch.no_grad():
+        assert (linear_cross_entropy(hidden, weight, labels) - reference).abs().max() < 1e-5
+
+
+def test_a_frozen_output_weight_gets_no_gradient():
+    hidden, weight, labels = _inputs(torch.float32, weight_grad=False)
+    linear_cross_entropy(hidden, weight, labels).sum().backward()
+    reference = hidden.grad
+    hidden.grad = None
+    _reference(hidden, weight, labels).sum().backward()
+    assert weight.grad is None and torch.allclose(reference, hidden.grad, atol=1e-6)
+
+
+def test_tokens_weighted_differently_are_refused():
+    """The gradients are computed in the forward pass for one shared incoming gradient: weighting counted tokens
+    differently would get wrong gradients, and the device-side assertion stops it (on the CPU, at once)."""
+    hidden, weight, labels = _inputs(torch.float32)
+    losses = linear_cross_entropy(hidden, weight, labels)
+    with pytest.raises(RuntimeError):
+        losses[0].sum().backward()
