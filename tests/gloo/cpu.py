@@ -4,7 +4,11 @@ the real wrap, distributed optimizer, gradient reduction and all-to-all run in C
 TEST SUPPORT ONLY: `install()` patches torch and megatron-core process-wide; call it first thing in a spawned test
 process, never in the pytest process and never from the product.
 
-- CUDA streams and events become no-ops (CPU work is synchronous), device queries answer for device 0;
+- CUDA streams and events become no-ops, device queries answer for device 0;
+- collectives finish before they return, `async_op=True` and coalesced ones included: gloo runs an asynchronous
+  collective on its own threads, and Megatron-FSDP frees or reuses a buffer once a CUDA event says the stream has
+  passed the collective, which a no-op event says at once: gloo would then write into freed memory (seen as heap
+  corruption in a 4-rank run);
 - the adapter's device meshes are built for the CPU;
 - a TorchFunctionMode maps `device='cuda'` / integer devices to the CPU (also during backward passes, which run
   inside the mode's handler), `Tensor.cuda` is the identity, and `Tensor.type()` names CPU float tensors as CUDA
@@ -15,6 +19,7 @@ process, never in the pytest process and never from the product.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -104,9 +109,36 @@ def _split_sizes_on_host(tensor, as_numpy: bool = False, record_stream: bool = F
     return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
 
 
+COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather", "broadcast",
+               "all_to_all_single", "reduce_scatter")  # fmt: skip
+
+
+def _finished(collective):
+    from torch.distributed.distributed_c10d import _IllegalWork
+
+    @functools.wraps(collective)
+    def run(*args, async_op: bool = False, **kwargs):
+        work = collective(*args, async_op=async_op, **kwargs)
+        if async_op and work is not None and not isinstance(work, _IllegalWork):  # _IllegalWork: being coalesced
+            work.wait()
+        return work
+
+    return run
+
+
+@contextlib.contextmanager
+def _coalescing_finished(group=None, device=None, async_ops: bool = False):
+    from torch.distributed.distributed_c10d import _coalescing_manager
+
+    with _coalescing_manager(group, device, async_ops=False) as manager:
+        yield manager
+
+
 def install() -> None:
     """Patch this process for Megatron-FSDP on CPU (see the module docstring)."""
     import megatron.core.distributed.fsdp.mcore_fsdp_adapter as adapter
+    import megatron.core.distributed.fsdp.src.megatron_fsdp.param_and_grad_buffer as fsdp_buffers
+    import megatron.core.distributed.param_and_grad_buffer as ddp_buffers
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
 
     cuda = torch.cuda
@@ -118,5 +150,9 @@ def install() -> None:
     cuda.max_memory_allocated = cuda.memory_allocated = cuda.memory_reserved = lambda *args, **kwargs: 0
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     adapter.DeviceMesh = _CpuDeviceMesh
+    for name in COLLECTIVES:
+        setattr(torch.distributed, name, _finished(getattr(torch.distributed, name)))
+    for buffers in (fsdp_buffers, ddp_buffers):
+        buffers._coalescing_manager = _coalescing_finished
     token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_on_host
     _CudaOnCpu().__enter__()

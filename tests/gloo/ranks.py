@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 # Each job leaves about 90 sockets, pipes and event descriptors open per rank (the gloo groups megatron-core makes
-# live as long as the process), so the ranks start afresh every few jobs, well under a limit of 1,024 open files.
+# live as long as the process): the ranks start afresh every few jobs, to stay well under the common default limit
+# of 1,024 open files.
 JOBS_PER_START = 4
 
 
