@@ -17,10 +17,8 @@ from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.model.hf_config import hf_config_dict
 
 
-@contextmanager
-def liger_kernels() -> Iterator[None]:
-    """Liger's patch of transformers' Qwen3-VL-MoE module for as long as the context lasts: Liger replaces the
-    module's functions and classes in place, which would otherwise reach every later model of this process."""
+def require_liger() -> None:
+    """A UserError when liger-kernel, which the transformers+liger system needs, is not installed."""
     if importlib.util.find_spec("liger_kernel") is None:
         from vlm_fsdp.errors import UserError
 
@@ -28,6 +26,13 @@ def liger_kernels() -> Iterator[None]:
             "the transformers+liger system needs liger-kernel: run `uv sync --extra bench` (or leave it out of "
             "--systems)"
         )
+
+
+@contextmanager
+def liger_kernels() -> Iterator[None]:
+    """Liger's patch of transformers' Qwen3-VL-MoE module for as long as the context lasts: Liger replaces the
+    module's functions and classes in place, which would otherwise reach every later model of this process."""
+    require_liger()
     from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe
 
     saved = dict(vars(modeling_qwen3_vl_moe))

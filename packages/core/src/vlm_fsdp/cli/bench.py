@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--profile",
         action="store_true",
         help="after the measured steps, profile one more step of each system and write its tables of the costliest "
-        "GPU kernels and host operations to OUT/profile_SYSTEM_VARIANT.txt",
+        "GPU kernels and host operations to OUT/profile_SYSTEM_VARIANT_Nmb.txt (N microbatches per step)",
     )
     parser.set_defaults(func=run)
 
@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if cuda_devices() == 0:
         raise UserError("bench measures GPU throughput and needs a CUDA GPU; none is visible here")
+    if "transformers+liger" in args.systems:
+        from vlm_fsdp.bench.hf_baseline import require_liger
+
+        require_liger()  # before the other systems run, not after them
     silence()
     import torch
     from vlm_fsdp.bench.report import render, write, write_record

@@ -80,7 +80,7 @@ class LanguageModel(GPTModel):
         self.rotary_base = model.rotary_base
         self.mrope_section = list(model.mrope_section)
         make_resettable(self.embedding.word_embeddings, config.init_method)
-        self.output_layer.__class__ = OutputLayer
+        self.output_layer.__class__ = OutputLayer  # GPTModel builds the layer; ours only adds the `labels` path
         make_resettable(self.output_layer, config.init_method)
         self.deepstack: tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None = None
         for index, layer in enumerate(self.decoder.layers):
