@@ -292,3 +292,18 @@ def test_a_slow_worker_fails_with_a_clear_timeout(broken_dataset):
     source = loader("tiny", f"data.path={broken_dataset}", "data.num_workers=1", "data.timeout_seconds=0.001")
     with pytest.raises(DataError, match=r"no microbatch within data\.timeout_seconds=0\.001"):
         next(source)
+
+
+@pytest.mark.parametrize(
+    ("cores", "local_ranks", "workers"),
+    [(16, None, 4), (16, "8", 1), (96, "8", 4), (2, None, 1), (24, "4", 4), (12, "4", 2)],
+)
+def test_default_workers_share_the_node_cores_among_its_ranks(monkeypatch, cores, local_ranks, workers):
+    from vlm_fsdp.data import settings
+
+    monkeypatch.setattr(settings.os, "sched_getaffinity", lambda _: set(range(cores)))
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    assert settings.default_workers() == workers

@@ -5,11 +5,13 @@ data. Each job returns rank 0's result: full (unsharded) tensors gathered from e
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -20,8 +22,8 @@ from vlm_fsdp.checkpoint.layout import PARTIAL, finalize, resolve_checkpoint
 from vlm_fsdp.config import load_config
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.train.build import Trainable, build
-from vlm_fsdp.train.loop import forward_backward, train_loop, train_step
-from vlm_fsdp.train.parallel import Dist, init_distributed
+from vlm_fsdp.train.loop import Fetch, forward_backward, train_loop, train_step
+from vlm_fsdp.train.parallel import Dist, init_distributed, release
 
 # fp32, one sequence per microbatch, four per optimizer step: 4 microbatches on 1 rank, 2 each on 2, 1 each on 4
 BASE = [
@@ -208,6 +210,25 @@ def run(*, output_dir: str, overrides: list[str] = (), resume_from: str | None =
             "grad_norms": [s.grad_norm for s in history]}  # fmt: skip
 
 
+def released(*, output_dir: str) -> dict:
+    """Whether a trained model is freed once dropped, without and with `release` (one step, then gc)."""
+    freed = {}
+    for releasing in (False, True):
+        config, dist, t = _start([], f"{output_dir}/{releasing}")
+        loader = build_loader(config)
+        try:
+            train_step(config, t, loader, dist, 1, 1, None)
+        finally:
+            loader.close()
+        model = weakref.ref(t.model)
+        if releasing:
+            release(t.wrapped)
+        del t
+        gc.collect()
+        freed[releasing] = model() is None
+    return {"freed_without_release": freed[False], "freed_with_release": freed[True]}
+
+
 def load_weights(*, output_dir: str, checkpoint: str, overrides: list[str] = ()) -> dict:
     """The model weights after `checkpoint.load` of `checkpoint`."""
     _, _, t = _start(overrides, output_dir)
@@ -222,7 +243,7 @@ def mixed_images(*, output_dir: str) -> dict:
     batches = [_first(config, text_only=False), _first(config, text_only=True)]
     assert batches[0].has_images and not batches[1].has_images
     mine = batches if dist.world_size == 1 else [batches[dist.rank]]
-    loss = forward_backward(config, t, mine)
+    loss = forward_backward(config, t, Fetch(iter(mine), dist.device), len(mine))
     torch.distributed.all_reduce(loss)
     t.optimizer.step()
     return {"gradients": _gradients(t), "loss_sum": loss.item()}
@@ -263,7 +284,7 @@ def transformers_parity(*, output_dir: str) -> dict:
         batches = [next(loader) for _ in range(2)]
     finally:
         loader.close()
-    forward_backward(config, t, batches)
+    forward_backward(config, t, Fetch(iter(batches), torch.device("cpu")), len(batches))
     ours = _gradients(t)
 
     hf.config._attn_implementation = "eager"

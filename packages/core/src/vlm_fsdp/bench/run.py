@@ -24,9 +24,9 @@ from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.plan.flops import training_flops
 from vlm_fsdp.train.build import build
-from vlm_fsdp.train.loop import train_step
+from vlm_fsdp.train.loop import Fetch, train_step
 from vlm_fsdp.train.metrics import peak_tflops
-from vlm_fsdp.train.parallel import init_distributed, shutdown
+from vlm_fsdp.train.parallel import Dist, init_distributed, release, shutdown
 
 
 def _summary(steps: list[dict]) -> dict:
@@ -58,42 +58,47 @@ def _profile(step: Callable[[], object], path: Path) -> None:
 def bench_ours(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
     dist = init_distributed(config)
     try:
-        trainable = build(config, dist.device)
-        timer = VisionTimer(trainable.model.vision)
-        loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
-        microbatches = config.train.global_batch_size // config.train.micro_batch_size
-        peak = peak_tflops(dist.device)
-        rows = []
-        try:
-            for step in range(1, warmup + steps + 1):
-                stats = train_step(config, trainable, loader, dist, step, microbatches, peak)
-                vision = timer.read()
-                if step > warmup:
-                    rows.append(
-                        {
-                            "tokens_per_s": stats.tokens_per_s,
-                            "tflops_per_gpu": stats.tflops_per_gpu,
-                            "mfu": stats.mfu or 0.0,
-                            "peak_memory_gib": stats.peak_memory_gib,
-                            "step_time_s": stats.step_time_s,
-                            "data_wait_s": stats.data_wait_share * stats.step_time_s,
-                            "vision_forward_s": vision,
-                            "optimizer_s": stats.optimizer_time_s,
-                            "loss": stats.loss,
-                        }
-                    )
-            if profile_path:
-                _profile(lambda: train_step(config, trainable, loader, dist, 0, microbatches, peak), profile_path)
-        finally:
-            loader.close()
-        summary = _summary(rows)
-        if trainable.compiled_graphs:
-            summary["compiled_graphs"] = trainable.compiled_graphs()
-        return summary
+        return _measure_ours(config, dist, warmup, steps, profile_path)
     finally:
         shutdown()
-        gc.collect()
+        gc.collect()  # the model is unreferenced once _measure_ours returns
         torch.cuda.empty_cache()
+
+
+def _measure_ours(config: Config, dist: Dist, warmup: int, steps: int, profile_path: Path | None) -> dict:
+    trainable = build(config, dist.device)
+    timer = VisionTimer(trainable.model.vision)
+    loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+    microbatches = config.train.global_batch_size // config.train.micro_batch_size
+    peak = peak_tflops(dist.device)
+    rows = []
+    try:
+        for step in range(1, warmup + steps + 1):
+            stats = train_step(config, trainable, loader, dist, step, microbatches, peak)
+            vision = timer.read()
+            if step > warmup:
+                rows.append(
+                    {
+                        "tokens_per_s": stats.tokens_per_s,
+                        "tflops_per_gpu": stats.tflops_per_gpu,
+                        "mfu": stats.mfu or 0.0,
+                        "peak_memory_gib": stats.peak_memory_gib,
+                        "step_time_s": stats.step_time_s,
+                        "data_wait_s": stats.data_wait_share * stats.step_time_s,
+                        "vision_forward_s": vision,
+                        "optimizer_s": stats.optimizer_time_s,
+                        "loss": stats.loss,
+                    }
+                )
+        if profile_path:
+            _profile(lambda: train_step(config, trainable, loader, dist, 0, microbatches, peak), profile_path)
+    finally:
+        loader.close()
+        release(trainable.wrapped)
+    summary = _summary(rows)
+    if trainable.compiled_graphs:
+        summary["compiled_graphs"] = trainable.compiled_graphs()
+    return summary
 
 
 def bench_liger(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
@@ -115,13 +120,13 @@ def bench_transformers(
     def step() -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        batches = [next(loader).to(device) for _ in range(microbatches)]
-        data_wait = time.perf_counter() - start
+        fetch = Fetch(loader, device)
         loss_sum = torch.zeros((), device=device)
-        for batch in batches:
-            loss = model(**hf_inputs(batch, config)).loss / len(batches)
+        for _ in range(microbatches):
+            loss = model(**hf_inputs(fetch(), config)).loss / microbatches
             loss.backward()
             loss_sum += loss.detach()
+        batches = fetch.batches
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_grad)
@@ -140,7 +145,7 @@ def bench_transformers(
             "mfu": tflops / peak if peak else 0.0,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "step_time_s": elapsed,
-            "data_wait_s": data_wait,
+            "data_wait_s": fetch.wait_s,
             "vision_forward_s": vision,
             "optimizer_s": before.elapsed_time(after) / 1000,
             "loss": loss_value,

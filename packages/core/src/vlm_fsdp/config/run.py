@@ -31,7 +31,7 @@ class DataConfig:
     the image normalisation and pixel limits); null: the bundled tokenizer, or model.hf_path's when set."""
     num_workers: Annotated[int, Range(ge=0, le=1024)] | None = None
     """Data-loading worker processes per rank (started with forkserver); 0 decodes in the training process;
-    null: one per CPU core of this rank's share of the node, less one for the rank itself, at most 8."""
+    null: one per CPU core of this rank's share of the node, less one for the rank itself, at most 4."""
     prefetch_factor: Annotated[int, Range(ge=1, le=1024)] = 2
     """Microbatches each worker prepares ahead of the training loop."""
     timeout_seconds: Annotated[float, Range(gt=0, le=7 * 24 * 3600)] = 120.0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeVisionConfig
-from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionBlock, Qwen3VLMoeVisionModel
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.model.attention import segment_ids
 from vlm_fsdp.model.hf_config import hf_config_dict
@@ -18,7 +18,9 @@ from vlm_fsdp.model.hf_config import hf_config_dict
 # transformers passes cumulative image lengths only to implementations whose name contains "flash"
 VARLEN_ATTENTION = "flash_varlen_torch"
 
-VisionBlock = Qwen3VLMoeVisionBlock
+VisionTower = Qwen3VLMoeVisionModel
+"""The tower is one Megatron-FSDP unit: its blocks are small next to a decoder layer (27 of them against the proxy's
+6 decoder layers), and every unit adds the host time of its hooks to every microbatch."""
 
 
 def _varlen_attention(

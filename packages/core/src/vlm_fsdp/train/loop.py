@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -157,16 +158,14 @@ def train_step(
     torch.cuda.reset_peak_memory_stats(dist.device)
     start = time.perf_counter()
     skipped_before = sum(loader.stats.skipped.values())
-    batches = [next(loader).to(dist.device) for _ in range(microbatches)]
-    data_wait = time.perf_counter() - start
-
+    fetch = Fetch(loader, dist.device)
+    loss_sum = forward_backward(config, t, fetch, microbatches)
+    batches = fetch.batches
     counts = [
         sum(b.num_loss_tokens for b in batches),
         sum(b.num_tokens for b in batches),
         sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches),
     ]
-
-    loss_sum = forward_backward(config, t, batches)
     stopping = float(stop is not None and stop.received is not None)
     # one all-reduce, and one wait for the GPU, per step: after the backward pass, which the update needs anyway
     host = torch.tensor([*counts, stopping], dtype=torch.float64).to(dist.device, non_blocking=True)
@@ -182,6 +181,7 @@ def train_step(
     optimizer_end.record()
     if updated:
         t.scheduler.step(increment=1)
+    optimizer_end.synchronize()  # the update's last kernels may still run: the step ends when they have
     elapsed = time.perf_counter() - start
     tflops = flops / elapsed / dist.world_size / 1e12
     return StepStats(
@@ -193,7 +193,7 @@ def train_step(
         tflops_per_gpu=tflops,
         mfu=tflops / peak if peak else None,
         peak_memory_gib=torch.cuda.max_memory_allocated(dist.device) / 2**30,
-        data_wait_share=data_wait / elapsed,
+        data_wait_share=fetch.wait_s / elapsed,
         step_time_s=elapsed,
         optimizer_time_s=optimizer_start.elapsed_time(optimizer_end) / 1000,
         skipped_images=sum(loader.stats.skipped.values()) - skipped_before,
@@ -203,14 +203,30 @@ def train_step(
     )
 
 
-def forward_backward(config: Config, t: Trainable, batches: list[Batch]) -> torch.Tensor:
-    """Zero the gradients and run megatron-core's forward/backward schedule over this rank's microbatches, which
-    also finalises the gradients (`vlm_fsdp.train.parallel`, step 4): reduced over the ranks and, with
-    `model.calculate_per_token_loss`, divided by the global number of loss tokens. Returns this rank's summed
+class Fetch:
+    """This step's microbatches, each taken from `source` (the loader) when the schedule reaches it, so that the
+    workers keep preparing the next ones while the GPU computes; with the time spent waiting for them."""
+
+    def __init__(self, source: Iterator[Batch], device: torch.device):
+        self.source, self.device = source, device
+        self.batches: list[Batch] = []
+        self.wait_s = 0.0
+
+    def __call__(self) -> Batch:
+        start = time.perf_counter()
+        batch = next(self.source).to(self.device)
+        self.wait_s += time.perf_counter() - start
+        self.batches.append(batch)
+        return batch
+
+
+def forward_backward(config: Config, t: Trainable, fetch: Fetch, microbatches: int) -> torch.Tensor:
+    """Zero the gradients and run megatron-core's forward/backward schedule over `microbatches` microbatches of
+    `fetch`, which also finalises the gradients (`vlm_fsdp.train.parallel`, step 4): reduced over the ranks and,
+    with `model.calculate_per_token_loss`, divided by the global number of loss tokens. Returns this rank's summed
     per-token loss."""
     t.wrapped.zero_grad_buffer()
     t.optimizer.zero_grad()
-    microbatches = iter(batches)
 
     def loss(batch: Batch, token_losses: torch.Tensor):
         summed = token_losses.sum()
@@ -219,14 +235,14 @@ def forward_backward(config: Config, t: Trainable, batches: list[Batch]) -> torc
         return summed, tokens, {"loss_sum": summed.detach().clone()}
 
     def forward_step(_, model):
-        batch = next(microbatches)
+        batch = fetch()
         return model(batch), partial(loss, batch)
 
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=None,
         model=t.wrapped,
-        num_microbatches=len(batches),
+        num_microbatches=microbatches,
         seq_length=config.model.seq_length,
         micro_batch_size=config.train.micro_batch_size,
     )
