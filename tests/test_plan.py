@@ -43,7 +43,7 @@ def test_sharding_strategies_order_memory():
     for strategy in ("no_shard", "optim_grads", "optim_grads_params"):
         meta = "false" if strategy == "no_shard" else "true"
         config = load_config(
-            "qwen3_vl_30b_a3b_proxy",
+            "qwen3_vl_30b_a3b",
             overrides=[f"ddp.data_parallel_sharding_strategy={strategy}", f"model.init_model_with_meta_device={meta}"],
         )
         totals[strategy] = estimate_memory(config, 8, 0.5)
@@ -190,3 +190,13 @@ def test_the_largest_accepted_model_plans_quickly(capsys):
     code, plan = plan_json(capsys, *extreme)
     assert time.monotonic() - start < 2  # well under a second on a fast machine; 2 CPU cores are shared here
     assert code == 1 and plan["verdict"] == "out_of_memory"
+
+
+def test_sharded_weights_need_buffers_for_the_largest_unit_the_whole_vision_tower():
+    config = load_config(
+        "qwen3_vl_30b_a3b",
+        overrides=["ddp.data_parallel_sharding_strategy=optim_grads_params", "model.expert_model_parallel_size=8"],
+    )
+    vision = count_params(config.model).vision
+    assert vision > config.model.vocab_size * config.model.hidden_size  # the embedding; a layer is smaller at EP 8
+    assert estimate_memory(config, 8, 0.5).fsdp_buffers == 2 * vision * (2 + 2)  # bf16 weights and gradients

@@ -6,7 +6,8 @@ Experts are split by expert parallelism; the
 sharding strategy then divides optimizer state (`no_shard`: nothing; `optim_grads`: optimizer state and gradients;
 `optim_grads_params`: also the weights) over the data-parallel ranks of each: every GPU for dense parameters, the
 ranks holding the same experts for those. Sharded weights need unsharded working
-buffers for the FSDP unit being computed and the one prefetched.
+buffers for the FSDP unit being computed and the one prefetched (the largest unit: a decoder layer, the embedding
+or the whole vision tower).
 
 Activations (an estimate, bf16): per decoder layer and token the tensors kept for the backward pass
 (norm inputs/outputs, Q/K/V and attention output, router scores, each routed copy's expert input and SwiGLU
@@ -82,7 +83,7 @@ def estimate_memory(config: Config, world_size: int, image_share: float) -> Memo
     fsdp_buffers = 0.0
     if strategy == "optim_grads_params":
         layer = attention_params(m) + m.num_moe_experts * m.hidden_size + m.num_moe_experts * expert_params(m) / ep
-        unit = max(layer, m.vocab_size * m.hidden_size)
+        unit = max(layer, m.vocab_size * m.hidden_size, counts.vision)  # the vision tower is one unit
         fsdp_buffers = 2 * unit * (param_bytes + grad_bytes)
 
     return MemoryEstimate(
