@@ -160,3 +160,29 @@ def test_bf16_model_has_no_fp32_weights_so_every_norm_takes_the_fused_kernel(con
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     assert any("layernorm" in name for name in dtypes)
     assert {name for name, dtype in dtypes.items() if dtype != torch.bfloat16} == set()
+
+
+def test_image_tokens_that_disagree_with_the_patches_are_refused(config):
+    """The image tokens are found without waiting for the GPU, from the count the patches give; a batch whose
+    tokens disagree stops at a device-side assertion instead of placing features at the wrong positions."""
+    from dataclasses import replace
+
+    from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
+    from vlm_fsdp.model.transformer_config import transformer_config
+
+    torch.manual_seed(0)
+    model = Qwen3VLMoe(transformer_config(config.model, on_meta_device=False), config.model, torch.device("cpu"))
+    loader = build_loader(config)
+    try:
+        batch = next(loader)
+    finally:
+        loader.close()
+    assert batch.has_images
+    with torch.no_grad():
+        assert torch.isfinite(model(batch)).all()
+        image_id = config.model.image_token_id
+        first = (batch.input_ids == image_id).nonzero()[0]
+        ids = batch.input_ids.clone()
+        ids[first[0], first[1]] = image_id + 1
+        with pytest.raises(RuntimeError, match="nonzero value"):  # torch._assert_async on the CPU
+            model(replace(batch, input_ids=ids))

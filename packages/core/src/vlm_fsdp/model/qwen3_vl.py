@@ -81,7 +81,11 @@ class Qwen3VLMoe(MegatronModule):
             zero = out.pooler_output.sum() + sum(f.sum() for f in out.deepstack_features)
             return embeds + 0.0 * zero.to(embeds.dtype), None
         out = self.vision(batch.pixel_values.to(dtype), batch.image_grid_thw)
-        batch_index, seq_index = (batch.input_ids == self.model_config.image_token_id).nonzero(as_tuple=True)
+        # the count is known on the host, so finding the image tokens does not wait for the GPU (as nonzero would)
+        count = sum(batch.image_patches) // self.model_config.vision.spatial_merge_size**2
+        is_image = batch.input_ids == self.model_config.image_token_id
+        torch._assert_async(is_image.sum() == count)
+        batch_index, seq_index = torch.nonzero_static(is_image, size=count).unbind(1)
         embeds = embeds.index_put((seq_index, batch_index), out.pooler_output.to(embeds.dtype))
         return embeds, ((batch_index, seq_index), list(out.deepstack_features))
 
