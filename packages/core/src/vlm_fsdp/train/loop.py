@@ -167,7 +167,7 @@ def train_step(
         sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches),
     ]
     stopping = float(stop is not None and stop.received is not None)
-    # one all-reduce, and one wait for the GPU, per step: after the backward pass, which the update needs anyway
+    # one all-reduce per step, after the backward pass, which the update waits for anyway
     host = torch.tensor([*counts, stopping], dtype=torch.float64).to(dist.device, non_blocking=True)
     shared = torch.cat([host, loss_sum.double().reshape(1)])
     torch.distributed.all_reduce(shared)
