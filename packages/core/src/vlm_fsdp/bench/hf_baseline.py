@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 from vlm_fsdp.config.run import Config
-from vlm_fsdp.data.batch import Batch
+from vlm_fsdp.data.batch import IGNORE_INDEX, Batch
 from vlm_fsdp.model.hf_config import hf_config_dict
 
 
@@ -69,7 +69,7 @@ def build_hf(config: Config, device: torch.device, *, liger: bool = False):
 
 def hf_inputs(batch: Batch, config: Config) -> dict:
     """Our batch in transformers' terms: labels unshifted (transformers shifts them itself)."""
-    labels = torch.full_like(batch.labels, -100)
+    labels = torch.full_like(batch.labels, IGNORE_INDEX)
     labels[:, 1:] = batch.labels[:, :-1]
     inputs = {"input_ids": batch.input_ids, "labels": labels}
     if batch.has_images:

@@ -14,6 +14,7 @@ averaged. A device-side assertion, which never waits for the GPU, guards that co
 from __future__ import annotations
 
 import torch
+from vlm_fsdp.data.batch import IGNORE_INDEX
 
 # rows of fp32 logits per chunk: 1 GiB at a 151,936-token vocabulary
 CHUNK_BYTES = 2**30
@@ -77,11 +78,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy (fp32) of `hidden @ weight.T` against `labels`, for `[..., hidden]` states and
-    `[...]` labels; tokens labelled -100 get 0 and no gradient."""
+    `[...]` labels; tokens labelled IGNORE_INDEX (-100) get 0 and no gradient."""
     shape = labels.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
-    counted = (labels != -100).to(torch.float32)
+    counted = (labels != IGNORE_INDEX).to(torch.float32)
     labels = labels.clamp(min=0)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         losses = _LinearCrossEntropy.apply(hidden, weight, labels, counted)
