@@ -141,6 +141,10 @@ def test_megatron_fsdp_flag_sets_defaults_and_each_stays_overridable():
             ],
             "nothing would be trained",
         ),
+        (
+            ["model.freeze_language_model=true", "data.text_only=true"],
+            "nothing would be trained (data.text_only leaves the vision tower untrained)",
+        ),
         (["model.image_token_id=9000"], "model.image_token_id=9000 is not below model.vocab_size"),
         (["ddp.data_parallel_sharding_strategy=no_shard"], "init_model_with_meta_device=true needs a sharding"),
         (["train.train_iters=6"], "optimizer.lr_warmup_iters=20 must be below the decay length 6"),

@@ -282,6 +282,33 @@ def test_workers_give_the_same_batches_as_decoding_in_process(with_workers, brok
     assert_same(take(with_workers, 4), expected)
 
 
+def test_the_next_window_packed_ahead_gives_the_in_process_stream():
+    """With workers, each next training window is packed in a process of its own (`Planner`); with one sequence per
+    window every microbatch comes from a window packed there."""
+    ahead = loader("tiny", "data.num_workers=1", "data.packing_window=1")
+    try:
+        got = take(ahead, 6)
+        assert ahead.planner._executor is not None
+    finally:
+        ahead.close()
+    assert_same(got, take(loader("tiny", "data.packing_window=1"), 6))
+
+
+def test_a_lookahead_process_that_dies_costs_only_time(caplog):
+    """The window it was packing is packed in the rank's process instead, and the stream stays the same."""
+    caplog.set_level(logging.WARNING, logger="vlm_fsdp.data")
+    ahead = loader("tiny", "data.num_workers=1", "data.packing_window=1")
+    try:
+        got = take(ahead, 2)
+        for process in ahead.planner._executor._processes.values():
+            process.kill()
+        got += take(ahead, 3)
+    finally:
+        ahead.close()
+    assert "packed ahead in a process of its own, did not arrive (BrokenProcessPool" in caplog.text
+    assert_same(got, take(loader("tiny", "data.packing_window=1"), 5))
+
+
 def test_strict_mode_stops_at_the_first_unusable_sample(broken_dataset):
     source = loader("tiny", f"data.path={broken_dataset}", "data.strict=true")
     with pytest.raises(DataError, match=r"sample broken-\w+: (corrupt|missing) image .* data.strict=true"):

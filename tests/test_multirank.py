@@ -9,6 +9,7 @@ sequences and the bundled data, four sequences per optimizer step.
   DP 2 x EP 2 -> 1, 1 -> EP 2) and the losses follow the uninterrupted single-process run's; on the same layout they
   are identical.
 - A step where one rank has images and the other none gives the single-process gradients.
+- With the vision tower frozen (DP 2), the language gradients and the loss are the single-process run's.
 - The first step's gradients with the load-balancing loss on equal transformers' for Megatron's objective.
 - Hugging Face weights load into an expert-parallel run; an expert-parallel checkpoint converts to Hugging Face
   and back bitwise, and `inspect` reads it.
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.slow
 EP2 = ["model.expert_model_parallel_size=2"]
 ALLGATHER = [*EP2, "model.moe_token_dispatcher_type=allgather"]
 HYBRID = ["ddp.num_distributed_optimizer_instances=2"]
+FROZEN = ["model.freeze_vision_model=true", "model.freeze_vision_projection=true"]
+TEXT = ["data.text_only=true"]
 NO_SHARD = ["ddp.data_parallel_sharding_strategy=no_shard", "model.init_model_with_meta_device=false"]
 GRADIENT_BOUND = 1e-5  # largest difference relative to the largest reference gradient of a parameter (fp32)
 NORM_BOUND = 1e-4  # fp32 norms on the CPU accumulate in single precision: they move with the sharding
@@ -99,6 +102,9 @@ def two(dirs, one, hf_model) -> dict:
             "ep2": ("first_step", {"overrides": EP2}),
             "ep2_allgather": ("first_step", {"overrides": ALLGATHER}),
             "no_shard": ("first_step", {"overrides": NO_SHARD}),
+            "frozen": ("first_step", {"overrides": FROZEN}),
+            "run_text": ("run", {"overrides": TEXT}),
+            "resumed_text": ("run", {"overrides": TEXT, "resume_from": _step2(d / "run_text")}),
             "run_dp2": ("run", {}),
             "resumed_dp2": ("run", {"resume_from": _step2(d / "run_dp2")}),
             "run_ep2": ("run", {"overrides": EP2}),
@@ -169,6 +175,28 @@ def test_first_step_equals_the_single_process_run(one, two, four, world, layout)
     _assert_same_gradients(reference["gradients"], got["gradients"])
     assert got["loss"] == pytest.approx(reference["loss"], rel=LOSS_BOUND)
     assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=NORM_BOUND)
+
+
+def test_a_frozen_vision_tower_gets_no_gradients_and_leaves_the_others_unchanged(one, two):
+    """Megatron-FSDP wraps a model with frozen parameters (once it failed to), and freezing the tower changes no
+    language gradient: the tower still runs forward."""
+    reference, got = one["first"], two["frozen"]
+    language = {name: g for name, g in reference["gradients"].items() if not name.startswith("vision.")}
+    assert len(language) < len(reference["gradients"])
+    _assert_same_gradients(language, got["gradients"])
+    assert got["loss"] == pytest.approx(reference["loss"], rel=LOSS_BOUND)
+
+
+def test_a_text_only_run_leaves_the_vision_tower_as_it_was_and_resumes_exactly(two):
+    """Under data.text_only the tower is frozen: its weights stay the initial ones through the steps and the
+    checkpoints, which hold no optimizer state for it, resume."""
+    run, resumed = two["run_text"], two["resumed_text"]
+    assert resumed["steps"] == run["steps"][2:] and resumed["losses"] == run["losses"][2:]
+    step2 = model_tensors(two["dir"] / "run_text" / "checkpoints" / "iter_0000002")
+    step4 = model_tensors(two["dir"] / "resumed_text" / "checkpoints" / "iter_0000004")
+    vision = [name for name in step2 if name.startswith("vision.")]
+    assert vision and all(torch.equal(step2[name], step4[name]) for name in vision)
+    assert not torch.equal(step2["language_model.output_layer.weight"], step4["language_model.output_layer.weight"])
 
 
 def test_ranks_get_comparable_image_patches(two, four):

@@ -66,6 +66,12 @@ def test_recompute_and_freezing_reduce_memory():
     frozen = load_config("qwen3_vl_30b_a3b_proxy", overrides=["model.freeze_vision_model=true"])
     assert estimate_memory(full, 1, 0.5).activations < estimate_memory(base, 1, 0.5).activations
     assert estimate_memory(frozen, 1, 0.5).optimizer < estimate_memory(base, 1, 0.5).optimizer
+    # a text-only run trains no part of the vision tower
+    text = load_config("qwen3_vl_30b_a3b_proxy", overrides=["data.text_only=true"])
+    untrained = load_config(
+        "qwen3_vl_30b_a3b_proxy", overrides=["model.freeze_vision_model=true", "model.freeze_vision_projection=true"]
+    )
+    assert estimate_memory(text, 1, 0.0).optimizer == estimate_memory(untrained, 1, 0.0).optimizer
 
 
 def test_flops_per_token_is_six_times_active_matmul_params_plus_attention():

@@ -25,7 +25,7 @@ class DataConfig:
     """Dataset directory (Megatron-Energon WebDataset, see `vlm-fsdp data prepare`); null: the bundled data."""
     text_only: bool = False
     """Train on the text-only part of the data (a baseline without the vision path): the bundled text set, or the
-    samples of data.path that have no image."""
+    samples of data.path that have no image. The vision tower is then left untrained (`frozen_parts`)."""
     tokenizer: str | None = None
     """A `tokenizer.json`, or a Hugging Face model directory holding one (its `preprocessor_config.json` then sets
     the image normalisation and pixel limits); null: the bundled tokenizer, or model.hf_path's when set."""
@@ -35,7 +35,8 @@ class DataConfig:
     prefetch_factor: Annotated[int, Range(ge=1, le=1024)] = 2
     """Microbatches each worker prepares ahead of the training loop."""
     timeout_seconds: Annotated[float, Range(gt=0, le=7 * 24 * 3600)] = 120.0
-    """Fail with an error when the workers deliver no microbatch for this long."""
+    """Fail with an error when the workers deliver no microbatch for this long (a training window packed ahead that
+    takes this long is packed in the rank's process instead)."""
     strict: bool = False
     """Stop with an error at the first unusable sample (corrupt or missing image, too long); false: skip it,
     count it and log its id."""
@@ -217,3 +218,26 @@ class Config:
     """Checkpointing."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Logging."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrozenParts:
+    """The parts of the model a run leaves untrained."""
+
+    language_model: bool
+    vision_model: bool
+    """The vision transformer blocks and patch embedding."""
+    vision_projection: bool
+    """The patch merger and DeepStack mergers."""
+
+
+def frozen_parts(config: Config) -> FrozenParts:
+    """The freeze switches, and the whole vision tower under data.text_only: no image reaches it, so it would get
+    only zero gradients, and AdamW would still decay its weights and spend a quarter of every update on it (on the
+    30B-A3B proxy)."""
+    m, text_only = config.model, config.data.text_only
+    return FrozenParts(
+        language_model=m.freeze_language_model,
+        vision_model=m.freeze_vision_model or text_only,
+        vision_projection=m.freeze_vision_projection or text_only,
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vlm_fsdp.config.fields import field_problems, shorten
 from vlm_fsdp.config.model import MAX_GPUS
-from vlm_fsdp.config.run import Config
+from vlm_fsdp.config.run import Config, frozen_parts
 from vlm_fsdp.errors import ConfigError
 
 # parallel splits the model code does not implement, and why
@@ -130,8 +130,12 @@ def architecture_problems(config: Config) -> list[str]:
 def training_problems(config: Config) -> list[str]:
     """Freezing, recompute, batch and schedule settings that do not fit together."""
     m, t, opt, out = config.model, config.train, config.optimizer, []
-    if m.freeze_language_model and m.freeze_vision_model and m.freeze_vision_projection:
-        out.append("every part of the model is frozen: nothing would be trained")
+    frozen = frozen_parts(config)
+    if frozen.language_model and frozen.vision_model and frozen.vision_projection:
+        out.append(
+            "every part of the model is frozen: nothing would be trained"
+            + (" (data.text_only leaves the vision tower untrained)" if config.data.text_only else "")
+        )
     if m.recompute_granularity == "full":
         if m.recompute_method is None or m.recompute_num_layers is None:
             out.append("model.recompute_granularity=full needs model.recompute_method and model.recompute_num_layers")

@@ -15,6 +15,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from vlm_fsdp.config.model import ModelConfig
+from vlm_fsdp.config.run import FrozenParts
 from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.model.language import LanguageModel
 from vlm_fsdp.model.vision import build_vision
@@ -90,11 +91,11 @@ class Qwen3VLMoe(MegatronModule):
         return embeds, ((batch_index, seq_index), list(out.deepstack_features))
 
 
-def apply_freezing(model: Qwen3VLMoe, config: ModelConfig) -> None:
-    """Turn off gradients of the parts the freeze switches name."""
+def apply_freezing(model: Qwen3VLMoe, frozen: FrozenParts) -> None:
+    """Turn off gradients of the `frozen` parts."""
     for name, param in model.vision.named_parameters():
         projection = name.startswith(PROJECTION_PREFIXES)
-        if (projection and config.freeze_vision_projection) or (not projection and config.freeze_vision_model):
+        if (projection and frozen.vision_projection) or (not projection and frozen.vision_model):
             param.requires_grad_(False)
-    if config.freeze_language_model:
+    if frozen.language_model:
         model.language_model.requires_grad_(False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_fsdp.config.run import Config
+from vlm_fsdp.config.run import Config, frozen_parts
 from vlm_fsdp.plan.params import ParamCounts, attention_params, count_params, expert_params, projection_params
 
 GiB = 1024**3
@@ -41,14 +41,14 @@ class MemoryEstimate:
 
 
 def trainable_params(config: Config, counts: ParamCounts) -> tuple[int, int, int]:
-    """Trainable (language dense + embeddings, vision, experts) parameters under the freeze switches."""
-    m = config.model
-    projection = projection_params(m)
-    language = 0 if m.freeze_language_model else counts.language_dense + counts.embeddings
-    vision = (0 if m.freeze_vision_model else counts.vision - projection) + (
-        0 if m.freeze_vision_projection else projection
+    """Trainable (language dense + embeddings, vision, experts) parameters (`frozen_parts`)."""
+    frozen = frozen_parts(config)
+    projection = projection_params(config.model)
+    language = 0 if frozen.language_model else counts.language_dense + counts.embeddings
+    vision = (0 if frozen.vision_model else counts.vision - projection) + (
+        0 if frozen.vision_projection else projection
     )
-    return language, vision, 0 if m.freeze_language_model else counts.experts
+    return language, vision, 0 if frozen.language_model else counts.experts
 
 
 def estimate_memory(config: Config, world_size: int, image_share: float) -> MemoryEstimate:

@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import FullyShardedDataParallel
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from vlm_fsdp.config.run import Config
+from vlm_fsdp.config.run import Config, frozen_parts
 from vlm_fsdp.model.compile import compile_units
 from vlm_fsdp.model.init import initialise, seed_initialisation
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe, apply_freezing
@@ -45,7 +45,7 @@ def build(config: Config, device: torch.device) -> Trainable:
     seed_initialisation(model.language_model, config.train.seed)
     if not meta:
         initialise(model.language_model)
-    apply_freezing(model, m)
+    apply_freezing(model, frozen_parts(config))
     wrapped = wrap(model, tc, config, device)
     optimizer = build_optimizer(wrapped, config, tc, device)
     iters = config.train.train_iters

@@ -18,7 +18,8 @@
    microbatches but the last (`no_sync`), and `finalize_model_grads` finishes the reduction and, with
    `model.calculate_per_token_loss`, divides every gradient by the global number of loss tokens, the router's
    load-balancing loss included (which Megatron's router scales by the microbatch's tokens for exactly this).
-5. Workarounds for megatron-core 0.16.1 on the wrapped buffers (`_fix_undistributed_gradient_buffers`).
+5. Workarounds for megatron-core 0.16.1: frozen parameters get no gradient hook (`_no_hooks_on_frozen_parameters`),
+   and the wrapped buffers' gradient scaling (`_fix_undistributed_gradient_buffers`).
 6. Optimizer (`build_optimizer`): Megatron's distributed optimizer over the sharded fp32 main weights, with Adam
    state for every parameter on every rank, also where a rank's shard of a parameter is empty, (a workaround
    again) replicated gradients counted once in the gradient norm (`_count_replicas_once`), and no update from a
@@ -31,6 +32,9 @@ import math
 import os
 import random
 import socket
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,6 +48,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch.distributed.tensor import DTensor, Replicate
+from torch.utils.hooks import RemovableHandle
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.model.vision import VisionTower
 
@@ -156,13 +161,14 @@ def ddp_config(config: Config) -> DistributedDataParallelConfig:
 
 def wrap(model: torch.nn.Module, tc: TransformerConfig, config: Config, device: torch.device):
     """`model` under Megatron-FSDP, with megatron-core's step hooks set on `tc` (the model's config)."""
-    wrapped = FullyShardedDataParallel(
-        config=tc,
-        ddp_config=ddp_config(config),
-        module=model,
-        fsdp_unit_modules=[TransformerLayer, VisionTower],
-        device=device,
-    )
+    with _no_hooks_on_frozen_parameters():
+        wrapped = FullyShardedDataParallel(
+            config=tc,
+            ddp_config=ddp_config(config),
+            module=model,
+            fsdp_unit_modules=[TransformerLayer, VisionTower],
+            device=device,
+        )
     tc.no_sync_func = wrapped.no_sync
     tc.finalize_model_grads_func = finalize_model_grads
     _fix_undistributed_gradient_buffers(wrapped, config.ddp.data_parallel_sharding_strategy)
@@ -183,6 +189,23 @@ def release(wrapped) -> None:
 
 
 # --- 5. megatron-core 0.16.1 workarounds --------------------------------------------------------------------
+
+
+@contextmanager
+def _no_hooks_on_frozen_parameters() -> Iterator[None]:
+    """megatron-core 0.16.1's Megatron-FSDP registers a post-accumulate-grad hook on every parameter of a unit, and
+    torch refuses one on a parameter that needs no gradient: a model with a frozen part (`model.freeze_*`) failed to
+    wrap. While it wraps, such a parameter gets a handle that removes nothing instead."""
+    register = torch.Tensor.register_post_accumulate_grad_hook
+
+    def unless_frozen(tensor: torch.Tensor, hook) -> RemovableHandle:
+        return register(tensor, hook) if tensor.requires_grad else RemovableHandle(OrderedDict())
+
+    torch.Tensor.register_post_accumulate_grad_hook = unless_frozen
+    try:
+        yield
+    finally:
+        torch.Tensor.register_post_accumulate_grad_hook = register
 
 
 def _fix_undistributed_gradient_buffers(wrapped, sharding: str) -> None:
