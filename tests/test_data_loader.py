@@ -303,6 +303,7 @@ def test_a_lookahead_process_that_dies_costs_only_time(caplog):
         for process in ahead.planner._executor._processes.values():
             process.kill()
         got += take(ahead, 3)
+        assert ahead.planner._executor is None
     finally:
         ahead.close()
     assert "packed ahead in a process of its own, did not arrive (BrokenProcessPool" in caplog.text

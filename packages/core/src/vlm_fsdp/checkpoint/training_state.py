@@ -127,12 +127,12 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _require(path: Path, tree: dict, keys: set[str], what: str) -> None:
+def _require(path: Path, tree: dict, keys: set[str], what: str, hint: str = "") -> None:
     missing = sorted(k for k in _flat_keys(tree) if k not in keys)
     if missing:
         raise UserError(
             f"checkpoint {path} lacks {len(missing)} {what}, e.g. {missing[:3]}: it was written for another "
-            "architecture or by an older vlm-fsdp (compare with `vlm-fsdp inspect`)"
+            f"architecture or by an older vlm-fsdp (compare with `vlm-fsdp inspect`){hint}"
         )
 
 
@@ -160,7 +160,15 @@ def load(path: Path, trainable, rank: int) -> tuple[int, dict]:
     model = model_state(trainable.wrapped)  # first: see `_optimizer_parts`
     parts = _optimizer_parts(trainable.optimizer, loading=True)
     sharded = as_global({"model": model, "optimizer": {"state": _optimizer_state(parts)}}, trainable.model)
-    _require(path, sharded, keys, "model or optimizer tensors")
+    _require(
+        path,
+        sharded,
+        keys,
+        "model or optimizer tensors",
+        # a run that trained fewer parts saved no optimizer state for the others
+        "; or by a run that left other parts untrained (model.freeze_*, data.text_only): start from its weights "
+        f"with checkpoint.load={path} instead of --resume",
+    )
     _require(path, {"scheduler": 0, "data": 0}, keys, "run states")
     state = sharded | _empty_like_saved(metadata, ["scheduler", "step", "data"])
     rng = [k for k in keys if k.startswith(f"rng/{rank}.")]

@@ -146,7 +146,7 @@ class Planner:
                                 "_next": None}  # fmt: skip
 
     def close(self) -> None:
-        """Stop the lookahead process (the next window starts it again)."""
+        """Stop the lookahead process (the next window starts it again, unless it failed)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._executor = self._next = None
@@ -175,18 +175,20 @@ class Planner:
         return window
 
     def _packed_ahead(self) -> Window:
-        """The window the lookahead process packed; packed here instead when that process died or took longer than
-        data.timeout_seconds, which the log says (the next window starts a new process)."""
+        """The window the lookahead process packed. When that process died or took longer than data.timeout_seconds,
+        this window and the later ones are packed here instead, and the log says so."""
         start, future = self._next
         try:
             return future.result(timeout=self.settings.timeout_seconds)
         except (TimeoutError, BrokenProcessPool) as err:
             log.warning(
-                "the window at sample %d, packed ahead in a process of its own, did not arrive (%s); packing it here",
+                "the window at sample %d, packed ahead in a process of its own, did not arrive (%s); packing it and "
+                "the later windows in this process",
                 start,
                 f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
             )
             self.close()
+            self._lookahead = None
             return self._pack(start)
 
     def _pack(self, start: int) -> Window:
