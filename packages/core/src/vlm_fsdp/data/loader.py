@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
 from typing import Literal
 
 import numpy as np
@@ -131,7 +132,9 @@ class Planner:
     the bundled text holds some 130), which in the rank's process would stop its training loop for each new window.
     """
 
-    def __init__(self, settings: DataSettings, reader: SplitReader, *, train: bool, lookahead=None):
+    def __init__(
+        self, settings: DataSettings, reader: SplitReader, *, train: bool, lookahead: BaseContext | None = None
+    ):
         self.settings, self.reader, self.train = settings, reader, train
         self.size = len(reader)
         self._windows: OrderedDict[int, Window] = OrderedDict()
