@@ -4,6 +4,7 @@ the report renders a table, a JSON record and a chart from measured figures."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -112,27 +113,51 @@ def test_liger_needs_its_extra_and_its_patch_stays_inside_the_liger_run(monkeypa
 
 def test_bench_runs_every_setting_variant_and_system_and_reports_progress(monkeypatch):
     """The orchestration alone (the systems need a GPU): each system gets the setting's microbatches per step and
-    the variant's data, a system out of memory is recorded and the next still runs, progress follows every run."""
+    the variant's data, a failed run is recorded and the next still runs, progress follows every run."""
     from vlm_fsdp.bench import run
 
     seen, reported = [], []
 
-    def system(name):
-        def bench(config, warmup, steps, path):
-            seen.append((name, config.train.global_batch_size, config.data.text_only))
-            if name == "transformers" and config.data.text_only:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
-            return {"tokens_per_s": 1.0}
+    def in_process(runner, config, warmup, steps, path, *, on_step):
+        seen.append((runner, config.train.global_batch_size, config.data.text_only))
+        on_step()
+        if runner is run.bench_transformers and config.data.text_only:
+            return {"error": "out of GPU memory: Tried to allocate 9.27 GiB"}
+        return {"tokens_per_s": 1.0}
 
-        return bench
-
-    monkeypatch.setattr(run, "RUNNERS", {name: system(name) for name in run.SYSTEMS})
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(run, "run_isolated", in_process)
+    ticks = []
     config = load_config("qwen3_vl_30b_a3b_proxy")
     results = run.run_bench(
-        config, warmup=1, steps=1, systems=run.SYSTEMS, settings=tuple(run.SETTINGS), progress=reported.append
+        config,
+        warmup=1,
+        steps=1,
+        systems=run.SYSTEMS,
+        settings=tuple(run.SETTINGS),
+        progress=reported.append,
+        on_step=lambda: ticks.append(1),
     )
-    assert len(seen) == len(reported) == 12
+    assert len(seen) == len(reported) == len(ticks) == 12
+    assert {runner for runner, _, _ in seen} == set(run.RUNNERS.values())
     assert {(gbs, text) for _, gbs, text in seen} == {(8, False), (8, True), (1, False), (1, True)}
     assert results["8 microbatches"]["text"]["transformers"]["error"].startswith("out of GPU memory")
     assert results["1 microbatch"]["text"]["transformers+liger"] == {"tokens_per_s": 1.0}
+
+
+def test_each_run_has_a_process_whose_failure_or_hang_is_recorded():
+    """Real spawned processes: figures and per-step progress come back; running out of memory and making no
+    progress become the run's error instead of stopping the bench."""
+    from vlm_fsdp.bench.run import run_isolated
+
+    from tests import bench_runners
+
+    ticks = []
+    figures = run_isolated(bench_runners.steps_then_figures, 3, on_step=lambda: ticks.append(1))
+    assert figures == {"tokens_per_s": 3.0} and len(ticks) == 3
+    assert run_isolated(bench_runners.out_of_memory) == {
+        "error": "out of GPU memory: CUDA out of memory. Tried to allocate 9.27 GiB"
+    }
+    start = time.perf_counter()
+    hung = run_isolated(bench_runners.never_finishes_a_step, step_timeout_s=10)
+    assert hung == {"error": "no step finished in 10 s; the run was ended"}
+    assert time.perf_counter() - start < 60

@@ -5,13 +5,11 @@ data. Each job returns rank 0's result: full (unsharded) tensors gathered from e
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import signal
 import threading
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ from vlm_fsdp.config import load_config
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.train.build import Trainable, build
 from vlm_fsdp.train.loop import Fetch, forward_backward, train_loop, train_step
-from vlm_fsdp.train.parallel import Dist, init_distributed, release
+from vlm_fsdp.train.parallel import Dist, init_distributed
 
 # fp32, one sequence per microbatch, four per optimizer step: 4 microbatches on 1 rank, 2 each on 2, 1 each on 4
 BASE = [
@@ -208,25 +206,6 @@ def run(*, output_dir: str, overrides: list[str] = (), resume_from: str | None =
     history = train_loop(config, dist, resume=resume_from is not None)
     return {"steps": [s.step for s in history], "losses": [s.loss for s in history],
             "grad_norms": [s.grad_norm for s in history]}  # fmt: skip
-
-
-def released(*, output_dir: str) -> dict:
-    """Whether a trained model is freed once dropped, without and with `release` (one step, then gc)."""
-    freed = {}
-    for releasing in (False, True):
-        config, dist, t = _start([], f"{output_dir}/{releasing}")
-        loader = build_loader(config)
-        try:
-            train_step(config, t, loader, dist, 1, 1, None)
-        finally:
-            loader.close()
-        model = weakref.ref(t.model)
-        if releasing:
-            release(t.wrapped)
-        del t
-        gc.collect()
-        freed[releasing] = model() is None
-    return {"freed_without_release": freed[False], "freed_with_release": freed[True]}
 
 
 def load_weights(*, output_dir: str, checkpoint: str, overrides: list[str] = ()) -> dict:

@@ -5,11 +5,15 @@ Every system sees the microbatches the loader produces for the config (same seed
 microbatch size), in bf16, with AdamW and the same learning rate; figures are averaged over the steps after the
 warm-up. Tokens/s counts useful tokens, TFLOP/s and MFU come from `vlm_fsdp.plan.flops` on those batches for
 every system, so the ratio of two is a ratio of time.
+
+Each run (setting, variant, system) has a spawned process of its own: its GPU memory, its compiled code and
+Liger's patches of transformers end with it, and a run that crashes or stops making progress is recorded as
+such while the others still run.
 """
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,11 +26,12 @@ from vlm_fsdp.bench.report import SETTINGS, SYSTEMS
 from vlm_fsdp.bench.timing import VisionTimer
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.loader import build_loader
+from vlm_fsdp.known_warnings import silence
 from vlm_fsdp.plan.flops import training_flops
 from vlm_fsdp.train.build import build
 from vlm_fsdp.train.loop import Fetch, train_step
 from vlm_fsdp.train.metrics import peak_tflops
-from vlm_fsdp.train.parallel import Dist, init_distributed, release, shutdown
+from vlm_fsdp.train.parallel import Dist, init_distributed, shutdown
 
 
 def _summary(steps: list[dict]) -> dict:
@@ -55,17 +60,25 @@ def _profile(step: Callable[[], object], path: Path) -> None:
     path.write_text("\n\n".join(tables))
 
 
-def bench_ours(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
+Tick = Callable[[], None]
+"""Called after every step of a run (`run_isolated` watches it)."""
+
+
+def _no_tick() -> None:
+    pass
+
+
+def bench_ours(
+    config: Config, warmup: int, steps: int, profile_path: Path | None = None, tick: Tick = _no_tick
+) -> dict:
     dist = init_distributed(config)
     try:
-        return _measure_ours(config, dist, warmup, steps, profile_path)
+        return _measure_ours(config, dist, warmup, steps, profile_path, tick)
     finally:
         shutdown()
-        gc.collect()  # the model is unreferenced once _measure_ours returns
-        torch.cuda.empty_cache()
 
 
-def _measure_ours(config: Config, dist: Dist, warmup: int, steps: int, profile_path: Path | None) -> dict:
+def _measure_ours(config: Config, dist: Dist, warmup: int, steps: int, profile_path: Path | None, tick: Tick) -> dict:
     trainable = build(config, dist.device)
     timer = VisionTimer(trainable.model.vision)
     loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
@@ -76,6 +89,7 @@ def _measure_ours(config: Config, dist: Dist, warmup: int, steps: int, profile_p
         for step in range(1, warmup + steps + 1):
             stats = train_step(config, trainable, loader, dist, step, microbatches, peak)
             vision = timer.read()
+            tick()
             if step > warmup:
                 rows.append(
                     {
@@ -94,20 +108,27 @@ def _measure_ours(config: Config, dist: Dist, warmup: int, steps: int, profile_p
             _profile(lambda: train_step(config, trainable, loader, dist, 0, microbatches, peak), profile_path)
     finally:
         loader.close()
-        release(trainable.wrapped)
     summary = _summary(rows)
     if trainable.compiled_graphs:
         summary["compiled_graphs"] = trainable.compiled_graphs()
     return summary
 
 
-def bench_liger(config: Config, warmup: int, steps: int, profile_path: Path | None = None) -> dict:
+def bench_liger(
+    config: Config, warmup: int, steps: int, profile_path: Path | None = None, tick: Tick = _no_tick
+) -> dict:
     with liger_kernels():
-        return bench_transformers(config, warmup, steps, profile_path, liger=True)
+        return bench_transformers(config, warmup, steps, profile_path, tick, liger=True)
 
 
 def bench_transformers(
-    config: Config, warmup: int, steps: int, profile_path: Path | None = None, *, liger: bool = False
+    config: Config,
+    warmup: int,
+    steps: int,
+    profile_path: Path | None = None,
+    tick: Tick = _no_tick,
+    *,
+    liger: bool = False,
 ) -> dict:
     device = torch.device("cuda")
     model, optimizer = build_hf(config, device, liger=liger)
@@ -154,19 +175,64 @@ def bench_transformers(
     try:
         for index in range(1, warmup + steps + 1):
             figures = step()
+            tick()
             if index > warmup:
                 rows.append(figures)
         if profile_path:
             _profile(step, profile_path)
     finally:
         loader.close()
-    model = optimizer = None  # the step closure holds them too
-    gc.collect()
-    torch.cuda.empty_cache()
     return _summary(rows)
 
 
 RUNNERS = dict(zip(SYSTEMS, (bench_ours, bench_transformers, bench_liger), strict=True))
+
+STEP_TIMEOUT_S = 300.0
+"""A run whose process finishes no step for this long (the first includes compiling) is ended and recorded."""
+
+
+def _child(runner: Callable[..., dict], args: tuple, pipe) -> None:
+    silence()
+    try:
+        pipe.send(("done", runner(*args, tick=lambda: pipe.send(("step", None)))))
+    except torch.OutOfMemoryError as error:
+        pipe.send(("error", f"out of GPU memory: {str(error).splitlines()[0]}"))
+    except BaseException as error:  # reported to the parent, which records it and goes on
+        pipe.send(("error", f"{type(error).__name__}: {error}"))
+        raise
+
+
+def run_isolated(
+    runner: Callable[..., dict], *args, step_timeout_s: float = STEP_TIMEOUT_S, on_step: Tick = _no_tick
+) -> dict:
+    """`runner(*args)` in a spawned process; its figures, or `{"error": why}` when it raised, died or finished no
+    step for `step_timeout_s` seconds (then it is ended)."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(runner, args, send))  # not a daemon: the loader has workers
+    process.start()
+    send.close()
+    try:
+        while True:
+            if not receive.poll(step_timeout_s):
+                process.kill()
+                return {"error": f"no step finished in {step_timeout_s:.0f} s; the run was ended"}
+            try:
+                kind, value = receive.recv()
+            except EOFError:
+                process.join()
+                return {"error": f"the run's process ended with exit code {process.exitcode} before reporting"}
+            if kind == "step":
+                on_step()
+            else:
+                return value if kind == "done" else {"error": value}
+    finally:
+        receive.close()
+        if process.is_alive():
+            process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def run_bench(
@@ -178,10 +244,11 @@ def run_bench(
     settings: tuple[str, ...],
     profile_dir: Path | None = None,
     progress: Callable[[dict], None] | None = None,
+    on_step: Tick = _no_tick,
 ) -> dict:
-    """Figures per setting (`SETTINGS`), variant ("images", "text") and system (`RUNNERS`); a system that runs
-    out of GPU memory is recorded as such and the others still run. `progress` gets the results so far after
-    each system's run."""
+    """Figures per setting (`SETTINGS`), variant ("images", "text") and system (`RUNNERS`), each run in a process
+    of its own (`run_isolated`); a run that runs out of GPU memory or fails is recorded as such and the others
+    still run. `progress` gets the results so far after each run, `on_step` is called after each step."""
     results = {}
     for setting in settings:
         step_batch = SETTINGS[setting] * config.train.micro_batch_size
@@ -196,12 +263,7 @@ def run_bench(
             for system in systems:
                 name = f"profile_{system}_{variant}_{SETTINGS[setting]}mb.txt"
                 path = profile_dir / name if profile_dir else None
-                try:
-                    figures = RUNNERS[system](variant_config, warmup, steps, path)
-                except torch.OutOfMemoryError as error:
-                    figures = {"error": f"out of GPU memory: {str(error).splitlines()[0]}"}
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                figures = run_isolated(RUNNERS[system], variant_config, warmup, steps, path, on_step=on_step)
                 results[setting][variant][system] = figures
                 if progress:
                     progress(results)

@@ -78,8 +78,14 @@ def run(args: argparse.Namespace) -> int:
         "provenance": provenance(),
     }
     total = len(args.settings) * 2 * len(args.systems)
+    steps = {"done": 0, "runs": 0}
+
+    def on_step() -> None:
+        steps["done"] += 1
+        print(f"  run {steps['runs'] + 1}/{total}: step {steps['done']}/{args.warmup + args.steps}", flush=True)
 
     def progress(results: dict) -> None:
+        steps.update(done=0, runs=steps["runs"] + 1)
         runs = [(s, v, name, f) for s, variants in results.items() for v, systems in variants.items()
                 for name, f in systems.items()]  # fmt: skip
         setting, variant, system, figures = runs[-1]
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         settings=tuple(args.settings),
         profile_dir=args.out if args.profile else None,
         progress=progress,
+        on_step=on_step,
     )
     print(render(results))
     record, chart = write(results, meta, args.out)

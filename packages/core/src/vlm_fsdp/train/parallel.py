@@ -12,8 +12,7 @@
 3. Wrap (`wrap`): Megatron-FSDP through megatron-core's adapter, with the decoder layers and the vision tower as
    FSDP units. Dense parameters are sharded over the data-parallel group, experts over the expert-data-parallel
    group; a meta-device model is materialised unit by unit, then sharded. Tokens reach experts on other ranks
-   through Megatron-Core's all-to-all (or all-gather) dispatcher over the expert-parallel group. `release` takes
-   Megatron-FSDP's hooks off again, for a process that builds another model.
+   through Megatron-Core's all-to-all (or all-gather) dispatcher over the expert-parallel group.
 4. The step's contract with megatron-core (`wrap`): its forward/backward schedule skips gradient reduction for all
    microbatches but the last (`no_sync`), and `finalize_model_grads` finishes the reduction and, with
    `model.calculate_per_token_loss`, divides every gradient by the global number of loss tokens, the router's
@@ -173,19 +172,6 @@ def wrap(model: torch.nn.Module, tc: TransformerConfig, config: Config, device: 
     tc.finalize_model_grads_func = finalize_model_grads
     _fix_undistributed_gradient_buffers(wrapped, config.ddp.data_parallel_sharding_strategy)
     return wrapped
-
-
-def release(wrapped) -> None:
-    """Remove Megatron-FSDP's hooks, so that the model and its buffers are freed once the caller drops them. Its
-    gradient hooks live on the parameters, which autograd's C++ graph also holds: the cycles they close through
-    the model are invisible to Python's garbage collector, and without this a process that builds a second model
-    (the bench) keeps the first one's GPU memory."""
-    fsdp = wrapped.module
-    for hooks in (fsdp.forward_pre_hooks, fsdp.forward_hooks, fsdp.backward_pre_hooks, fsdp.grad_acc_hooks):
-        for handle in hooks.values():
-            handle.remove()
-        hooks.clear()
-    fsdp._root_pre_backward_hook_handle.remove()
 
 
 # --- 5. megatron-core 0.16.1 workarounds --------------------------------------------------------------------
