@@ -157,7 +157,7 @@ def test_mrope_positions_match_transformers_get_rope_index(hf_model, tok):
     # packed: every sample restarts at 0 and equals its own get_rope_index; padding continues counting
     other = doc_of(["coffee_train1.jpg"], tok, settings)
     seq_length = len(doc.ids) + len(other.ids) + 7
-    batch = collate([[doc, other], [other]], seq_length, pad_id=tok[1].pad, patch_dim=settings.patch_dim)
+    batch = collate([[doc, other], [other]], seq_length, pad_id=tok[1].pad, images=settings)
     row = batch.position_ids[:, 0].numpy()
     np.testing.assert_array_equal(row[:, : len(doc.ids)], hf_positions(hf_model, doc.ids, doc.grids))
     tail = row[:, len(doc.ids) : len(doc.ids) + len(other.ids)]
@@ -181,7 +181,7 @@ def test_collate_shifts_labels_within_each_sample_and_marks_segments(tok):
     )
     lengths = [len(d.ids) for d in docs]
     seq = sum(lengths) + 10
-    batch = collate([docs, [text], []], seq, special.pad, settings.patch_dim)
+    batch = collate([docs, [text], []], seq, special.pad, settings)
     assert batch.input_ids.shape == (3, seq) and batch.input_ids.dtype == torch.int64
     assert batch.position_ids.shape == (3, 3, seq)
     assert batch.cu_seqlens.dtype == torch.int32
@@ -199,7 +199,7 @@ def test_collate_shifts_labels_within_each_sample_and_marks_segments(tok):
     assert batch.has_images and batch.image_patches == [256 // 16 * 256 // 16] * 2
     assert (batch.position_ids[:, 2] == torch.arange(seq)).all()  # an empty row counts from 0
 
-    no_images = collate([[text]], 16, special.pad, settings.patch_dim)
+    no_images = collate([[text]], 16, special.pad, settings)
     assert not no_images.has_images
     assert no_images.pixel_values.shape == (0, settings.patch_dim) and no_images.image_grid_thw.shape == (0, 3)
 

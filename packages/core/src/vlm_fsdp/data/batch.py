@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
+from vlm_fsdp.data.images import ImageSettings
+from vlm_fsdp.data.vision_inputs import vision_inputs
 
 IGNORE_INDEX = -100
 
@@ -46,6 +48,9 @@ class Batch:
     """[num_patches, C*T*P*P] float32 in Hugging Face's flattened patch layout (possibly 0 patches)."""
     image_grid_thw: torch.Tensor
     """[num_images, 3] int64 patch grid of each image, in the order its tokens appear in the flattened rows."""
+    vision_inputs: dict[str, torch.Tensor | int]
+    """What the vision tower derives from image_grid_thw, as its keyword arguments (`vlm_fsdp.data.vision_inputs`);
+    empty without images."""
     has_images: bool
     """False: no real image in this microbatch (the vision tower is skipped, or fed a dummy image when other
     data-parallel ranks may be running it)."""
@@ -67,11 +72,15 @@ class Batch:
         return self._map(torch.Tensor.pin_memory)
 
     def _map(self, fn) -> Batch:
-        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{name: fn(v) for name, v in tensors.items() if isinstance(v, torch.Tensor)})
+        def one(value):
+            return fn(value) if isinstance(value, torch.Tensor) else value
+
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        mapped = {name: one(v) for name, v in values.items() if isinstance(v, torch.Tensor)}
+        return replace(self, **mapped, vision_inputs={k: one(v) for k, v in self.vision_inputs.items()})
 
 
-def collate(rows: list[list[Doc]], seq_length: int, pad_id: int, patch_dim: int) -> Batch:
+def collate(rows: list[list[Doc]], seq_length: int, pad_id: int, images: ImageSettings) -> Batch:
     """Pack rows of samples into a Batch; every row must fit into seq_length tokens."""
     batch = len(rows)
     input_ids = np.full((batch, seq_length), pad_id, dtype=np.int64)
@@ -98,7 +107,8 @@ def collate(rows: list[list[Doc]], seq_length: int, pad_id: int, patch_dim: int)
             positions[:, b, at:] = np.arange(next_position, next_position + seq_length - at)
             segments.append(seq_length - at)
     cu_seqlens = np.concatenate(([0], np.cumsum(segments))).astype(np.int32)
-    pixel_values = np.concatenate(pixels) if pixels else np.zeros((0, patch_dim), np.float32)
+    pixel_values = np.concatenate(pixels) if pixels else np.zeros((0, images.patch_dim), np.float32)
+    image_grid_thw = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         labels=torch.from_numpy(labels),
@@ -106,7 +116,10 @@ def collate(rows: list[list[Doc]], seq_length: int, pad_id: int, patch_dim: int)
         cu_seqlens=torch.from_numpy(cu_seqlens),
         max_seqlen=max(segments),
         pixel_values=torch.from_numpy(pixel_values),
-        image_grid_thw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3),
+        image_grid_thw=image_grid_thw,
+        vision_inputs=vision_inputs(
+            image_grid_thw, merge_size=images.merge_size, position_grid_side=images.position_grid_side
+        ),
         has_images=bool(grids),
         num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
         num_tokens=sum(doc_lengths),

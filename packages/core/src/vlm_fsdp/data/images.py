@@ -58,6 +58,10 @@ class ImageSettings:
     max_pixels: int = QWEN3_VL_MAX_PIXELS
     buckets: tuple[tuple[int, int], ...] = ()
     """Allowed (height, width) sizes; empty: every image keeps its own (resized) size."""
+    position_grid_side: int = 48
+    """Side of the tower's square grid of learned position embeddings (the square root of
+    model.vision.num_position_embeddings), which the loader interpolates to each image's grid
+    (`vlm_fsdp.data.vision_inputs`)."""
 
     @property
     def factor(self) -> int:

@@ -290,7 +290,7 @@ class Microbatches(Dataset):
                     skips.append(Skip(parts["json"]["id"], err.kind, err.detail))
             rows.append(docs)
         s = self.settings
-        return collate(rows, s.seq_length, s.special.pad, s.images.patch_dim), work, skips
+        return collate(rows, s.seq_length, s.special.pad, s.images), work, skips
 
 
 def _as_is(item):

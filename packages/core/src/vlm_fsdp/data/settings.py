@@ -11,6 +11,7 @@ from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.bundled import bundled_dataset
 from vlm_fsdp.data.images import QWEN3_VL_MAX_PIXELS, QWEN3_VL_MIN_PIXELS, ImageSettings
 from vlm_fsdp.data.tokenizer import SpecialIds, check_against_model, load_tokenizer, resolve_tokenizer_path, special_ids
+from vlm_fsdp.data.vision_inputs import position_grid_side
 from vlm_fsdp.errors import ConfigError
 
 
@@ -146,4 +147,5 @@ def image_settings(config: Config, processor: dict) -> ImageSettings:
         min_pixels=min_pixels,
         max_pixels=max_pixels,
         buckets=tuple(buckets),
+        position_grid_side=position_grid_side(vision),
     )

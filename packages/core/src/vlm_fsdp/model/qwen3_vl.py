@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.config.run import FrozenParts
 from vlm_fsdp.data.batch import Batch
+from vlm_fsdp.data.vision_inputs import position_grid_side, vision_inputs
 from vlm_fsdp.model.language import LanguageModel
 from vlm_fsdp.model.vision import build_vision
 
@@ -38,6 +39,7 @@ class Qwen3VLMoe(MegatronModule):
         super().__init__(config=config)
         self.model_config = model
         self.vision_without_images = vision_without_images
+        self._dummy: tuple | None = None  # the dummy image's tensors, made on first use
         self.vision = build_vision(model, vision_device)
         self.language_model = LanguageModel(config, model)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's forward/backward schedule
@@ -75,13 +77,13 @@ class Qwen3VLMoe(MegatronModule):
         if not batch.has_images:
             if not self.vision_without_images:
                 return embeds, None
-            v = self.model_config.vision
-            grid = torch.tensor([[1, 2, 2]], device=embeds.device)
-            pixels = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size**2, device=embeds.device)
-            out = self.vision(pixels.to(dtype), grid)
+            if self._dummy is None:
+                self._dummy = _dummy_image(self.model_config, embeds.device, dtype)
+            pixels, grid, inputs = self._dummy
+            out = self.vision(pixels, grid, **inputs)
             zero = out.pooler_output.sum() + sum(f.sum() for f in out.deepstack_features)
             return embeds + 0.0 * zero.to(embeds.dtype), None
-        out = self.vision(batch.pixel_values.to(dtype), batch.image_grid_thw)
+        out = self.vision(batch.pixel_values.to(dtype), batch.image_grid_thw, **batch.vision_inputs)
         # the count is known on the host, so finding the image tokens does not wait for the GPU (as nonzero would)
         count = sum(batch.image_patches) // self.model_config.vision.spatial_merge_size**2
         is_image = batch.input_ids == self.model_config.image_token_id
@@ -89,6 +91,16 @@ class Qwen3VLMoe(MegatronModule):
         batch_index, seq_index = torch.nonzero_static(is_image, size=count).unbind(1)
         embeds = embeds.index_put((seq_index, batch_index), out.pooler_output.to(embeds.dtype))
         return embeds, ((batch_index, seq_index), list(out.deepstack_features))
+
+
+def _dummy_image(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Zero pixels, grid and tower inputs of one image of 2 x 2 patches, on `device`."""
+    v = model.vision
+    grid = torch.tensor([[1, 2, 2]])
+    inputs = vision_inputs(grid, merge_size=v.spatial_merge_size, position_grid_side=position_grid_side(v))
+    pixels = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size**2, dtype=dtype)
+    inputs = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in inputs.items()}
+    return pixels.to(device), grid.to(device), inputs
 
 
 def apply_freezing(model: Qwen3VLMoe, frozen: FrozenParts) -> None:

@@ -12,6 +12,7 @@ from transformers import AttentionInterface
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeVisionConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 from vlm_fsdp.config.model import ModelConfig
+from vlm_fsdp.data.vision_inputs import INTERPOLATION
 from vlm_fsdp.model.attention import segment_ids
 from vlm_fsdp.model.hf_config import hf_config_dict
 
@@ -47,4 +48,10 @@ def build_vision(model: ModelConfig, device: torch.device) -> Qwen3VLMoeVisionMo
         tower = Qwen3VLMoeVisionModel._from_config(config, dtype=dtype, attn_implementation="sdpa")
     # set after construction: transformers would try to load a flash-attention package for a "flash" name
     tower.config._attn_implementation = VARLEN_ATTENTION
+    settings = {"mode": tower.interpolation_mode, "align_corners": tower.interpolation_align_corners}
+    if settings != INTERPOLATION:
+        raise RuntimeError(
+            f"this transformers version's vision tower interpolates its position embeddings with {settings}, the "
+            f"loader with {INTERPOLATION} (vlm_fsdp.data.vision_inputs): install the locked transformers version"
+        )
     return tower

@@ -20,7 +20,7 @@ from vlm_fsdp.config.load import to_yaml
 from vlm_fsdp.config.overrides import to_dict
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.config.validate import validate
-from vlm_fsdp.data.batch import Batch
+from vlm_fsdp.data.batch import IGNORE_INDEX, Batch
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.errors import UserError
 from vlm_fsdp.known_warnings import NOTICE
@@ -230,7 +230,8 @@ def forward_backward(config: Config, t: Trainable, fetch: Fetch, microbatches: i
 
     def loss(batch: Batch, token_losses: torch.Tensor):
         summed = token_losses.sum()
-        tokens = torch.tensor(batch.num_loss_tokens, dtype=torch.int, device=summed.device)
+        # counted on the GPU: a tensor made from the host's count would make the host wait for the GPU
+        tokens = (batch.labels != IGNORE_INDEX).sum().to(torch.int)
         # the schedule divides the loss in place when the loss is per microbatch; the log keeps the sum
         return summed, tokens, {"loss_sum": summed.detach().clone()}
 
