@@ -186,3 +186,30 @@ def test_image_tokens_that_disagree_with_the_patches_are_refused(config):
         ids[first[0], first[1]] = image_id + 1
         with pytest.raises(RuntimeError, match="nonzero value"):  # torch._assert_async on the CPU
             model(replace(batch, input_ids=ids))
+
+
+def test_the_towers_inputs_from_the_loader_are_the_ones_it_would_compute(config):
+    """The loader's workers compute what the tower derives from the patch grids (`vlm_fsdp.data.vision_inputs`);
+    given them, the tower's outputs are bitwise those it computes on its own, and they travel with the batch."""
+    from vlm_fsdp.model.vision import build_vision
+
+    loader = build_loader(config)
+    try:
+        batch = next(loader)
+    finally:
+        loader.close()
+    assert batch.has_images and set(batch.vision_inputs) == {
+        "cu_seqlens", "max_seqlen", "position_ids", "interp_indices", "interp_weights"
+    }  # fmt: skip
+    assert batch.vision_inputs["interp_indices"].shape[0] == sum(batch.image_patches)
+    moved = batch.to(torch.device("meta"))
+    assert (
+        moved.vision_inputs["cu_seqlens"].is_meta
+        and moved.vision_inputs["max_seqlen"] == batch.vision_inputs["max_seqlen"]
+    )
+    torch.manual_seed(0)
+    tower = build_vision(config.model, torch.device("cpu"))
+    own = tower(batch.pixel_values, batch.image_grid_thw)
+    given = tower(batch.pixel_values, batch.image_grid_thw, **batch.vision_inputs)
+    assert torch.equal(own.pooler_output, given.pooler_output)
+    assert all(torch.equal(a, b) for a, b in zip(own.deepstack_features, given.deepstack_features, strict=True))
