@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 from vlm_fsdp.data.images import ImageSettings
-from vlm_fsdp.data.vision_inputs import vision_inputs
+from vlm_fsdp.data.vision_inputs import map_tensors, vision_inputs
 
 IGNORE_INDEX = -100
 
@@ -72,12 +72,9 @@ class Batch:
         return self._map(torch.Tensor.pin_memory)
 
     def _map(self, fn) -> Batch:
-        def one(value):
-            return fn(value) if isinstance(value, torch.Tensor) else value
-
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        mapped = {name: one(v) for name, v in values.items() if isinstance(v, torch.Tensor)}
-        return replace(self, **mapped, vision_inputs={k: one(v) for k, v in self.vision_inputs.items()})
+        mapped = {name: fn(v) for name, v in values.items() if isinstance(v, torch.Tensor)}
+        return replace(self, **mapped, vision_inputs=map_tensors(self.vision_inputs, fn))
 
 
 def collate(rows: list[list[Doc]], seq_length: int, pad_id: int, images: ImageSettings) -> Batch:

@@ -16,6 +16,11 @@ INTERPOLATION = {"mode": "bilinear", "align_corners": True}
 """How the tower resamples its learned position embeddings (`Qwen3VLMoeVisionModel`'s settings)."""
 
 
+def map_tensors(inputs: dict[str, torch.Tensor | int], fn) -> dict[str, torch.Tensor | int]:
+    """`inputs` with `fn` applied to its tensors (to pin them, or move them to a device)."""
+    return {name: fn(value) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+
+
 def position_grid_side(vision: VisionConfig) -> int:
     """Side of the tower's square grid of learned position embeddings."""
     return int(vision.num_position_embeddings**0.5)

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.config.run import FrozenParts
 from vlm_fsdp.data.batch import Batch
-from vlm_fsdp.data.vision_inputs import position_grid_side, vision_inputs
+from vlm_fsdp.data.vision_inputs import map_tensors, position_grid_side, vision_inputs
 from vlm_fsdp.model.language import LanguageModel
 from vlm_fsdp.model.vision import build_vision
 
@@ -99,8 +99,7 @@ def _dummy_image(model: ModelConfig, device: torch.device, dtype: torch.dtype) -
     grid = torch.tensor([[1, 2, 2]])
     inputs = vision_inputs(grid, merge_size=v.spatial_merge_size, position_grid_side=position_grid_side(v))
     pixels = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size**2, dtype=dtype)
-    inputs = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in inputs.items()}
-    return pixels.to(device), grid.to(device), inputs
+    return pixels.to(device), grid.to(device), map_tensors(inputs, lambda t: t.to(device))
 
 
 def apply_freezing(model: Qwen3VLMoe, frozen: FrozenParts) -> None:
