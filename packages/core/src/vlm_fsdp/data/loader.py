@@ -174,7 +174,12 @@ class Planner:
         if self._lookahead is not None and (self._next is None or self._next[0] != window.end):
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(1, mp_context=self._lookahead)
-            self._next = (window.end, self._executor.submit(self._pack, window.end))
+            try:
+                self._next = (window.end, self._executor.submit(self._pack, window.end))
+            except BrokenProcessPool:  # the process died before this window was handed to it
+                log.warning("the lookahead process died; packing the later windows in this process")
+                self.close()
+                self._lookahead = None
         return window
 
     def _packed_ahead(self) -> Window:
