@@ -86,6 +86,7 @@ def one(dirs) -> dict:
             "mixed": ("mixed_images", {}),
             "parity": ("transformers_parity", {}),
             "preempted": ("preempted_run", {}),
+            "bookkeeping": ("bookkeeping_against_megatron", {}),
         },
     )
 
@@ -111,6 +112,7 @@ def two(dirs, one, hf_model) -> dict:
             "mixed": ("mixed_images", {}),
             "hf_into_ep2": ("load_weights", {"overrides": EP2, "checkpoint": str(hf_model.parent / "hf_converted")}),
             "poisoned": ("poisoned_step", {"overrides": EP2}),
+            "bookkeeping_ep2": ("bookkeeping_against_megatron", {"overrides": EP2}),
         },
     )
 
@@ -289,3 +291,12 @@ def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint_and_resuming_co
     assert preempted["losses"] == reference["losses"][:3]
     resumed = one_again["after_preemption"]
     assert resumed["steps"] == [4] and resumed["losses"] == reference["losses"][3:]
+
+
+@pytest.mark.parametrize(("world", "case"), [(1, "bookkeeping"), (2, "bookkeeping_ep2")])
+def test_the_buffer_wise_bookkeeping_gives_megatron_fsdps_gradients_and_weights_bitwise(one, two, world, case):
+    """One rank (undistributed buffers) and EP 2 on two ranks (sharded dense buffers, undistributed expert ones)."""
+    counts = (one if world == 1 else two)[case]
+    assert counts["ranks_not_in_use"] == 0
+    assert counts["gradients_compared"] > 0 and counts["weights_changed"] > 0
+    assert counts["gradients_differing"] == 0 and counts["weights_differing"] == 0, counts

@@ -228,6 +228,70 @@ def mixed_images(*, output_dir: str) -> dict:
     return {"gradients": _gradients(t), "loss_sum": loss.item()}
 
 
+def bookkeeping_against_megatron(*, output_dir: str, overrides: list[str] = ()) -> dict:
+    """One step's forward and backward in bf16, twice over the same microbatches: with the buffer-wise bookkeeping
+    of `vlm_fsdp.train.step_bookkeeping`, then with Megatron-FSDP's own per-parameter methods and megatron-core's
+    `finalize_model_grads`; then the optimizer's update copied into the model weights by each. Returns, summed over
+    the ranks, how many gradients handed to the optimizer and how many model weights differ in any bit, how many
+    were compared and changed by the step, and whether the buffer-wise methods were in use on every rank."""
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from vlm_fsdp.train.step_bookkeeping import GradientViews
+
+    config, dist, t = _start(["model.bf16=true", *overrides], output_dir)
+    buffer = t.wrapped.module.param_and_grad_buffer
+    ours = {name: vars(buffer)[name] for name in ("update_main_grads", "copy_main_weights_to_model_weights")}
+    in_use = GradientViews.applies_to(buffer) and len(ours) == 2
+    loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+    microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
+    try:
+        batches = [next(loader) for _ in range(microbatches)]
+    finally:
+        loader.close()
+
+    def gradients() -> dict:
+        forward_backward(config, t, Fetch(iter(batches), dist.device), microbatches)
+        return {n: p.grad.to_local().clone() for n, p in buffer.optimizer_named_parameters if p.grad is not None}
+
+    def weights() -> list[torch.Tensor]:
+        return [
+            group.model_weight_buffer.get_item(item, only_shard=group.model_weight_buffer.is_data_distributed).clone()
+            for group in buffer.parameter_groups
+            if group.main_weight_buffer is not None
+            for item in group.model_weight_buffer.param_idx.values()
+        ]
+
+    with_ours = gradients()
+    tc = t.wrapped.config
+    tc.finalize_model_grads_func, vlm_finalize = finalize_model_grads, tc.finalize_model_grads_func
+    for name in ours:
+        del vars(buffer)[name]
+    with_megatron = gradients()
+    before = weights()
+    t.scheduler.step(increment=1)  # past the warm-up's learning rate of zero
+    t.optimizer.step()
+    by_megatron = weights()
+    vars(buffer).update(ours)
+    tc.finalize_model_grads_func = vlm_finalize
+    for group in buffer.parameter_groups:
+        if group.model_weight_buffer is not None:
+            group.model_weight_buffer.data.zero_()
+    buffer.copy_main_weights_to_model_weights()
+    by_ours = weights()
+    counts = torch.tensor(
+        [
+            len(with_ours.keys() ^ with_megatron.keys())
+            + sum(not torch.equal(g, with_megatron[n]) for n, g in with_ours.items() if n in with_megatron),
+            len(with_megatron),
+            sum(not torch.equal(a, b) for a, b in zip(by_ours, by_megatron, strict=True)),
+            sum(not torch.equal(a, b) for a, b in zip(before, by_megatron, strict=True)),
+            int(not in_use),
+        ]
+    )
+    torch.distributed.all_reduce(counts)
+    keys = ("gradients_differing", "gradients_compared", "weights_differing", "weights_changed", "ranks_not_in_use")
+    return dict(zip(keys, counts.tolist(), strict=True))
+
+
 def _first(config, *, text_only: bool):
     from dataclasses import replace
 

@@ -225,8 +225,7 @@ def forward_backward(config: Config, t: Trainable, fetch: Fetch, microbatches: i
     `fetch`, which also finalises the gradients (`vlm_fsdp.train.parallel`, step 4): reduced over the ranks and,
     with `model.calculate_per_token_loss`, divided by the global number of loss tokens. Returns this rank's summed
     per-token loss."""
-    t.wrapped.zero_grad_buffer()
-    t.optimizer.zero_grad()
+    t.optimizer.zero_grad()  # under Megatron-FSDP this also zeroes the wrapped model's gradient buffers
 
     def loss(batch: Batch, token_losses: torch.Tensor):
         summed = token_losses.sum()

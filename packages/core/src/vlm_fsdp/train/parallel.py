@@ -17,6 +17,8 @@
    microbatches but the last (`no_sync`), and `finalize_model_grads` finishes the reduction and, with
    `model.calculate_per_token_loss`, divides every gradient by the global number of loss tokens, the router's
    load-balancing loss included (which Megatron's router scales by the microbatch's tokens for exactly this).
+   Megatron-FSDP's bookkeeping around that, handing the gradients to the optimizer and the updated weights back,
+   goes by buffer rather than by parameter (`vlm_fsdp.train.step_bookkeeping`).
 5. Workarounds for megatron-core 0.16.1: frozen parameters get no gradient hook (`_no_hooks_on_frozen_parameters`),
    and the wrapped buffers' gradient scaling (`_fix_undistributed_gradient_buffers`).
 6. Optimizer (`build_optimizer`): Megatron's distributed optimizer over the sharded fp32 main weights, with Adam
@@ -41,7 +43,6 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig, FullyShardedDataParallel
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -50,6 +51,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.utils.hooks import RemovableHandle
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.model.vision import VisionTower
+from vlm_fsdp.train import step_bookkeeping
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def wrap(model: torch.nn.Module, tc: TransformerConfig, config: Config, device: 
             device=device,
         )
     tc.no_sync_func = wrapped.no_sync
-    tc.finalize_model_grads_func = finalize_model_grads
+    tc.finalize_model_grads_func = step_bookkeeping.install(wrapped)
     _fix_undistributed_gradient_buffers(wrapped, config.ddp.data_parallel_sharding_strategy)
     return wrapped
 
