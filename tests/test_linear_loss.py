@@ -65,3 +65,25 @@ def test_tokens_weighted_differently_are_refused():
     losses = linear_cross_entropy(hidden, weight, labels)
     with pytest.raises(RuntimeError):
         losses[0].sum().backward()
+
+
+def test_the_compiled_softmax_gradient_is_the_eager_one_for_any_chunk_length():
+    """What `train.compile` runs: one graph for chunks of any length (the last chunk is shorter), with the eager
+    gradients and losses. Captured whole and run through `aot_eager`, as in tests/test_compile.py."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = torch.compile(linear_loss.softmax_grad, dynamic=True, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    for rows in (7, 5):
+        logits = torch.randn(rows, VOCAB, dtype=torch.bfloat16)
+        labels = torch.randint(0, VOCAB, (rows,))
+        counted = (torch.rand(rows) > 0.3).float()
+        expected = linear_loss.softmax_grad(logits.clone(), labels, counted)
+        got = compiled(logits.clone(), labels, counted)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    torch._dynamo.reset()

@@ -1,6 +1,7 @@
 """torch.compile of the computation inside each Megatron-FSDP unit.
 
-Compiled: every vision block's forward, and every decoder layer's self-attention and experts. Left eager:
+Compiled: every vision block's forward, every decoder layer's self-attention and experts, and the loss's
+per-chunk softmax gradient (`vlm_fsdp.model.linear_loss.softmax_grad`). Left eager:
 Megatron-FSDP's parameter gathering and gradient hooks (they run around the units, not inside them), the MoE
 router and token dispatch (data-dependent shapes) and the DeepStack hooks. Shapes are dynamic from the first
 call, because the number of patches and the longest image change from one microbatch to the next; blocks and
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 from torch._dynamo.utils import counters
+from vlm_fsdp.model.linear_loss import softmax_grad
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
 
 
@@ -26,4 +28,5 @@ def compile_units(model: Qwen3VLMoe) -> Callable[[], int]:
     for layer in model.language_model.decoder.layers:
         layer.self_attention.forward = torch.compile(layer.self_attention.forward, dynamic=True)
         layer.mlp.experts.forward = torch.compile(layer.mlp.experts.forward, dynamic=True)
+    model.language_model.output_layer.softmax_grad = torch.compile(softmax_grad, dynamic=True)
     return lambda: counters["stats"]["unique_graphs"] - start

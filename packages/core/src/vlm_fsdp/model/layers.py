@@ -11,7 +11,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
-from vlm_fsdp.model.linear_loss import linear_cross_entropy
+from vlm_fsdp.model.linear_loss import SoftmaxGrad, linear_cross_entropy, softmax_grad
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -32,10 +32,14 @@ class OutputLayer(ColumnParallelLinear):
     """Megatron-Core's output layer which, given the labels, returns the per-token loss (`linear_loss.py`) instead
     of the logits, so that Megatron-FSDP's hooks on this module still gather and reduce its weight."""
 
+    softmax_grad: SoftmaxGrad = staticmethod(softmax_grad)
+    """The loss's per-chunk gradient (`vlm_fsdp.model.compile` replaces it with its compiled version)."""
+
     def forward(self, input_, weight=None, runtime_gather_output=None, labels=None):
         if labels is None:
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
-        return linear_cross_entropy(input_, self.weight if weight is None else weight, labels), None
+        weight = self.weight if weight is None else weight
+        return linear_cross_entropy(input_, weight, labels, gradient=self.softmax_grad), None
 
 
 def make_resettable(module: torch.nn.Module, init_method) -> None:

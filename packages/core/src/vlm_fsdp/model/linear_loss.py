@@ -13,6 +13,8 @@ averaged. A device-side assertion, which never waits for the GPU, guards that co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from vlm_fsdp.data.batch import IGNORE_INDEX
 
@@ -34,16 +36,39 @@ def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         total.add_(a @ b)
 
 
-def _chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 logits with their log-sum-exp subtracted, per-token loss) of one chunk of tokens."""
-    logits = (h @ weight.t()).float()
-    logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-    return logits, -logits.gather(1, y[:, None]).squeeze(1)
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-softmax of one chunk's logits (in place where they are fp32 already)."""
+    logits = logits.float()
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+def _losses(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return -log_probs.gather(1, labels[:, None]).squeeze(1)
+
+
+def softmax_grad(
+    logits: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d logits in the logits' dtype, fp32 per-token loss) of one chunk: the softmax minus the label's
+    one-hot, zero for tokens that are not counted. Compiled (`train.compile`), it fuses into two passes over the
+    logits; eager, it works in place on one fp32 copy."""
+    log_probs = _log_probs(logits)
+    losses = _losses(log_probs, labels)
+    probs = log_probs.exp_()
+    if torch.compiler.is_compiling():
+        is_label = torch.arange(probs.shape[1], device=probs.device) == labels[:, None]
+        grad = torch.where(is_label, probs - 1.0, probs)
+    else:
+        grad = probs.index_put_((torch.arange(len(labels), device=labels.device), labels), probs.new_tensor(-1.0), True)
+    return grad.mul_(counted[:, None]).to(logits.dtype), losses
+
+
+SoftmaxGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor):
+    def forward(ctx, hidden, weight, labels, counted, gradient: SoftmaxGrad):
         rows = _chunk_rows(weight.shape[0])
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
@@ -53,12 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         for start in range(0, hidden.shape[0], rows):
             end = start + rows
-            h, y = hidden[start:end], labels[start:end]
-            log_probs, losses[start:end] = _chunk(h, weight, y)
-            # d loss / d logits = softmax - one_hot(label), zero for tokens that are not counted
-            grad = log_probs.exp_()
-            grad[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad = grad.mul_(counted[start:end, None]).to(hidden.dtype)
+            h = hidden[start:end]
+            grad, losses[start:end] = gradient(h @ weight.t(), labels[start:end], counted[start:end])
             grad_hidden[start:end] = grad @ weight
             if grad_weight is not None:
                 _add_product(grad_weight, grad.t(), h)
@@ -73,22 +94,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (grad_losses * counted).sum() / counted.sum().clamp(min=1)
         torch._assert_async(((grad_losses - scale) * counted).abs().amax() <= scale.abs() * 1e-5 + 1e-30)
         grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
-        return grad_hidden * scale, grad_weight, None, None
+        return grad_hidden * scale, grad_weight, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, gradient: SoftmaxGrad = softmax_grad
+) -> torch.Tensor:
     """Per-token cross-entropy (fp32) of `hidden @ weight.T` against `labels`, for `[..., hidden]` states and
-    `[...]` labels; tokens labelled IGNORE_INDEX (-100) get 0 and no gradient."""
+    `[...]` labels; tokens labelled IGNORE_INDEX (-100) get 0 and no gradient. `gradient`: `softmax_grad`, or a
+    compiled version of it."""
     shape = labels.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     counted = (labels != IGNORE_INDEX).to(torch.float32)
     labels = labels.clamp(min=0)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        losses = _LinearCrossEntropy.apply(hidden, weight, labels, counted)
+        losses = _LinearCrossEntropy.apply(hidden, weight, labels, counted, gradient)
     else:
         rows = _chunk_rows(weight.shape[0])
         losses = torch.cat(
-            [_chunk(hidden[i : i + rows], weight, labels[i : i + rows])[1] for i in range(0, len(labels), rows)]
+            [
+                _losses(_log_probs(hidden[i : i + rows] @ weight.t()), labels[i : i + rows])
+                for i in range(0, len(labels), rows)
+            ]
         )
     return (losses * counted).reshape(shape)
