@@ -88,8 +88,8 @@ class TrainConfig:
     such step is skipped: no update, the schedule does not advance)."""
     compile: bool = False
     """torch.compile the computation inside each Megatron-FSDP unit (vision blocks; decoder self-attention and
-    experts) and the loss's per-chunk softmax gradient, with dynamic shapes, so that new image sizes reuse the compiled code; the step log counts the compiled
-    graphs."""
+    experts) and the loss's per-chunk softmax gradient, with dynamic shapes, so that new image sizes reuse the
+    compiled code; the step log counts the compiled graphs."""
     output_dir: str | None = None
     """Directory of this run's resolved config, logs and (unless checkpoint.save is set) checkpoints;
     null: `runs/<recipe>-<UTC time>`."""
