@@ -17,8 +17,9 @@
    microbatches but the last (`no_sync`), and `finalize_model_grads` finishes the reduction and, with
    `model.calculate_per_token_loss`, divides every gradient by the global number of loss tokens, the router's
    load-balancing loss included (which Megatron's router scales by the microbatch's tokens for exactly this).
-   Megatron-FSDP's bookkeeping around that, handing the gradients to the optimizer and the updated weights back,
-   goes by buffer rather than by parameter (`vlm_fsdp.train.step_bookkeeping`).
+   The division is done after megatron-core's `finalize_model_grads`, on the GPU, and Megatron-FSDP's bookkeeping
+   around the step, handing the gradients to the optimizer and the updated weights back, goes by buffer rather than
+   by parameter (`vlm_fsdp.train.step_bookkeeping`).
 5. Workarounds for megatron-core 0.16.1: frozen parameters get no gradient hook (`_no_hooks_on_frozen_parameters`),
    and the wrapped buffers' gradient scaling (`_fix_undistributed_gradient_buffers`).
 6. Optimizer (`build_optimizer`): Megatron's distributed optimizer over the sharded fp32 main weights, with Adam

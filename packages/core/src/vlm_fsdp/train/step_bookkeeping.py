@@ -4,8 +4,8 @@ megatron-core 0.16.1's Megatron-FSDP hands the reduced gradients to the optimize
 updated main weights into the model's weights in Python loops over the parameters, with one conversion or copy
 kernel each (the benchmark proxy has about 400 parameters), and it hands the gradients over twice per step: when
 the reduction finishes and again after `finalize_model_grads` has divided them by the number of loss tokens, a
-number it first reads on the host. On one H200 that bookkeeping took a third of a one-microbatch step with images.
-Here (`install`):
+number it first reads on the host. On one H200 that bookkeeping took about a fifth of a one-microbatch step
+with images. Here (`install`):
 
 - the gradients are converted to the main weights' dtype with one kernel per buffer, and the optimizer's
   parameters get views of the result, once per step, after the division (`GradientViews`, `finalize`);
