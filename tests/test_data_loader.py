@@ -306,7 +306,8 @@ def test_a_lookahead_process_that_dies_costs_only_time(caplog):
         assert ahead.planner._executor is None
     finally:
         ahead.close()
-    assert "packed ahead in a process of its own, did not arrive (BrokenProcessPool" in caplog.text
+    # the death shows when the next window is handed over or when the one in flight is awaited, whichever comes first
+    assert "BrokenProcessPool" in caplog.text and "in this process" in caplog.text
     assert_same(got, take(loader("tiny", "data.packing_window=1"), 5))
 
 

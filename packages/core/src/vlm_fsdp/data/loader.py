@@ -177,7 +177,11 @@ class Planner:
             try:
                 self._next = (window.end, self._executor.submit(self._pack, window.end))
             except BrokenProcessPool:  # the process died before this window was handed to it
-                log.warning("the lookahead process died; packing the later windows in this process")
+                log.warning(
+                    "the lookahead process died (BrokenProcessPool) before the window at sample %d was handed to it; "
+                    "packing the later windows in this process",
+                    window.end,
+                )
                 self.close()
                 self._lookahead = None
         return window
