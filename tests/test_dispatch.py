@@ -1,5 +1,5 @@
 """`LocalTokenDispatcher` puts the routed tokens in Megatron-Core's order and adds the expert outputs back as
-Megatron-Core's permute/unpermute do, and the model uses it when it holds every expert."""
+Megatron-Core's permute/unpermute do, with their gradients, and the model uses it when it holds every expert."""
 
 from __future__ import annotations
 
@@ -45,6 +45,43 @@ def test_dispatch_and_combine_equal_megatron_permute_and_unpermute(tc):
     restored = unpermute(outputs, index, restore_shape=torch.Size([seq * batch, hidden]), routing_map=routing_map)
     assert combined.shape == states.shape
     torch.testing.assert_close(combined.view(-1, hidden), restored, rtol=0, atol=1e-6)
+
+
+def test_the_gradients_through_dispatch_and_combine_are_megatrons(tc):
+    """The gradients come from gathers, not from index_select's and scatter_add_'s atomic additions; they are the
+    ones autograd gives through Megatron-Core's permute and unpermute, for the tokens and for the routing weights."""
+    torch.manual_seed(1)
+    tokens, hidden, experts, topk = 37, tc.hidden_size, tc.num_moe_experts, tc.moe_router_topk
+    logits = torch.randn(tokens, experts)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(topk, dim=1).indices, True)
+    scores = torch.softmax(logits, dim=-1)
+    weight = torch.randn(hidden, hidden)
+    upstream = torch.randn(tokens, 1, hidden)
+
+    def gradients(route) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = scores.clone().requires_grad_()
+        states = torch.linspace(-1, 1, tokens * hidden).view(tokens, 1, hidden).requires_grad_()
+        out = route(states, probs * routing_map)
+        (out * upstream).sum().backward()
+        return states.grad, probs.grad
+
+    def ours(states, probs):
+        dispatcher = LocalTokenDispatcher(tc, pg_collection=get_default_pg_collection())
+        routed, routed_probs = dispatcher.dispatch_preprocess(states, routing_map, probs)
+        return dispatcher.combine_postprocess(torch.tanh(routed @ weight) * routed_probs.unsqueeze(-1))
+
+    def megatrons(states, probs):
+        routed, routed_probs, index = permute(
+            states.view(-1, hidden), routing_map, probs=probs, num_out_tokens=tokens * topk
+        )
+        out = torch.tanh(routed @ weight) * routed_probs.unsqueeze(-1)
+        return unpermute(out, index, restore_shape=torch.Size([tokens, hidden]), routing_map=routing_map).view(
+            tokens, 1, hidden
+        )
+
+    for got, expected in zip(gradients(ours), gradients(megatrons), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert expected.abs().max() > 0.1
 
 
 def test_model_dispatches_locally_without_expert_parallelism(tc):
