@@ -9,6 +9,7 @@ sequences and the bundled data, four sequences per optimizer step.
   DP 2 x EP 2 -> 1, 1 -> EP 2) and the losses follow the uninterrupted single-process run's; on the same layout they
   are identical.
 - A step where one rank has images and the other none gives the single-process gradients.
+- Without the per-token loss (each microbatch's mean, averaged), EP 2's gradients equal the single-process run's.
 - With the vision tower frozen (DP 2), the language gradients and the loss are the single-process run's.
 - The first step's gradients with the load-balancing loss on equal transformers' for Megatron's objective.
 - Hugging Face weights load into an expert-parallel run; an expert-parallel checkpoint converts to Hugging Face
@@ -37,6 +38,7 @@ ALLGATHER = [*EP2, "model.moe_token_dispatcher_type=allgather"]
 HYBRID = ["ddp.num_distributed_optimizer_instances=2"]
 FROZEN = ["model.freeze_vision_model=true", "model.freeze_vision_projection=true"]
 TEXT = ["data.text_only=true"]
+MEAN = ["model.calculate_per_token_loss=false"]
 NO_SHARD = ["ddp.data_parallel_sharding_strategy=no_shard", "model.init_model_with_meta_device=false"]
 GRADIENT_BOUND = 1e-5  # largest difference relative to the largest reference gradient of a parameter (fp32)
 NORM_BOUND = 1e-4  # fp32 norms on the CPU accumulate in single precision: they move with the sharding
@@ -82,6 +84,7 @@ def one(dirs) -> dict:
         dirs / "w1",
         {
             "first": ("first_step", {}),
+            "first_mean": ("first_step", {"overrides": MEAN}),
             "run": ("run", {}),
             "mixed": ("mixed_images", {}),
             "parity": ("transformers_parity", {}),
@@ -100,6 +103,7 @@ def two(dirs, one, hf_model) -> dict:
         {
             "dp2": ("first_step", {}),
             "ep2": ("first_step", {"overrides": EP2}),
+            "ep2_mean": ("first_step", {"overrides": EP2 + MEAN}),
             "ep2_allgather": ("first_step", {"overrides": ALLGATHER}),
             "no_shard": ("first_step", {"overrides": NO_SHARD}),
             "frozen": ("first_step", {"overrides": FROZEN}),
@@ -176,6 +180,18 @@ def test_first_step_equals_the_single_process_run(one, two, four, world, layout)
     _assert_same_gradients(reference["gradients"], got["gradients"])
     assert got["loss"] == pytest.approx(reference["loss"], rel=LOSS_BOUND)
     assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=NORM_BOUND)
+
+
+def test_a_loss_averaged_per_microbatch_gives_the_single_process_gradients_under_expert_parallelism(one, two):
+    """Without the per-token loss Megatron-FSDP averages the gradients over the data-parallel ranks. At EP 2 on two
+    ranks the experts' gradient buffer is not distributed, and its average is taken once, of the sum over the
+    step's microbatches (megatron-core 0.16.1 scales such a buffer after every microbatch, shrinking the earlier
+    microbatches' share)."""
+    reference, got = one["first_mean"], two["ep2_mean"]
+    _assert_same_gradients(reference["gradients"], got["gradients"])
+    assert got["loss"] == pytest.approx(reference["loss"], rel=LOSS_BOUND)
+    per_token = one["first"]["gradients"]
+    assert any(not torch.allclose(per_token[name], grad) for name, grad in reference["gradients"].items())
 
 
 def test_a_frozen_vision_tower_gets_no_gradients_and_leaves_the_others_unchanged(one, two):

@@ -19,9 +19,9 @@
    load-balancing loss included (which Megatron's router scales by the microbatch's tokens for exactly this).
    The division is done after megatron-core's `finalize_model_grads`, on the GPU, and Megatron-FSDP's bookkeeping
    around the step, handing the gradients to the optimizer and the updated weights back, goes by buffer rather than
-   by parameter (`vlm_fsdp.train.step_bookkeeping`).
-5. Workarounds for megatron-core 0.16.1: frozen parameters get no gradient hook (`_no_hooks_on_frozen_parameters`),
-   and the wrapped buffers' gradient scaling (`_fix_undistributed_gradient_buffers`).
+   by parameter; a gradient buffer whose data-parallel group is one rank is not reduced at all
+   (`vlm_fsdp.train.step_bookkeeping`).
+5. A workaround for megatron-core 0.16.1: frozen parameters get no gradient hook (`_no_hooks_on_frozen_parameters`).
 6. Optimizer (`build_optimizer`): Megatron's distributed optimizer over the sharded fp32 main weights, with Adam
    state for every parameter on every rank, also where a rank's shard of a parameter is empty, (a workaround
    again) replicated gradients counted once in the gradient norm (`_count_replicas_once`), and no update from a
@@ -156,7 +156,7 @@ def ddp_config(config: Config) -> DistributedDataParallelConfig:
         fsdp_double_buffer=d.fsdp_double_buffer,
         nccl_ub=d.nccl_ub,
         check_for_nan_in_grad=True,
-        # the in-place scaling that _fix_undistributed_gradient_buffers relies on
+        # the in-place scaling that step_bookkeeping.UndistributedBuffers relies on under hybrid sharding
         gradient_reduce_div_fusion=False,
     )
 
@@ -173,7 +173,6 @@ def wrap(model: torch.nn.Module, tc: TransformerConfig, config: Config, device: 
         )
     tc.no_sync_func = wrapped.no_sync
     tc.finalize_model_grads_func = step_bookkeeping.install(wrapped)
-    _fix_undistributed_gradient_buffers(wrapped, config.ddp.data_parallel_sharding_strategy)
     return wrapped
 
 
@@ -195,21 +194,6 @@ def _no_hooks_on_frozen_parameters() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.register_post_accumulate_grad_hook = register
-
-
-def _fix_undistributed_gradient_buffers(wrapped, sharding: str) -> None:
-    """megatron-core 0.16.1's Megatron-FSDP counts gradients twice in a sharded strategy's gradient buffer whose
-    data-parallel group has a single rank (one GPU; or the experts when expert parallelism spans all ranks): such a
-    buffer is not distributed, so it accumulates in place, and the reduce-scatter of that buffer is added back to
-    it, doubling the accumulated sum at every microbatch. The reduction scales the buffer in place before it is
-    reduced; a factor of one half makes the sum come out once. Buffers are fixed one by one: a run can have
-    distributed dense buffers and undistributed expert buffers."""
-    if sharding == "no_shard":
-        return
-    for group in wrapped.module.param_and_grad_buffer.parameter_groups:
-        buffer = group.main_grad_buffer
-        if buffer is not None and not buffer.is_data_distributed:
-            buffer.gradient_scaling_factor = 0.5 * (buffer.gradient_scaling_factor or 1.0)
 
 
 # --- 6. optimizer -------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ with images. Here (`install`):
   parameters get views of the result, once per step, after the division (`GradientViews`, `finalize`);
 - the division by the global number of loss tokens reads that number on the GPU (`finalize`);
 - where a main-weight buffer and its model-weight buffer share their layout (the sharded strategies), the updated
-  main weights are copied with one kernel per buffer (`copy_main_weights`).
+  main weights are copied with one kernel per buffer (`copy_main_weights`);
+- a gradient buffer whose data-parallel group is this rank alone is not reduced after every microbatch
+  (`UndistributedBuffers`).
 
 Every replacement produces the tensors Megatron-FSDP's own methods do, bitwise (`tests/test_multirank.py`).
 """
@@ -113,6 +115,57 @@ def copy_main_weights(buffer) -> None:
             group.model_weight_buffer.data.copy_(group.main_weight_buffer.data)
 
 
+class UndistributedBuffers:
+    """Gradient buffers of a sharded strategy whose data-parallel group is one rank: every buffer on one GPU, and the
+    experts' when expert parallelism spans the whole data-parallel group. Megatron-FSDP does not distribute such a
+    buffer, so the gradients accumulate in it in place, and there is nothing to reduce; megatron-core 0.16.1 still
+    "reduce-scatters" it after every microbatch's backward (a scaling pass, a copy into a new tensor of the
+    buffer's size and an addition back, which counted the accumulated sum twice). Here those buckets skip the
+    reduction (`skip_reduction`), and the averaging factor Megatron-FSDP would have applied to every microbatch's
+    gradients (`gradient_scaling_factor`, where the loss is not per token) is applied to their sum once per step
+    (`scale`). Hybrid sharding also reduces across the groups of replicas, which Megatron-FSDP does in the same
+    step: there its reduction stays, with the buffer's factor halved so that the sum counts once."""
+
+    def __init__(self, wrapped) -> None:
+        self.pipeline = wrapped.module.grad_reduce_pipeline
+        buffer = wrapped.module.param_and_grad_buffer
+        sharded = buffer.ddp_config.data_parallel_sharding_strategy != "no_shard"
+        self.buckets = {
+            index
+            for index, group in enumerate(buffer.parameter_groups)
+            if sharded and group.main_grad_buffer is not None and not group.main_grad_buffer.is_data_distributed
+        }
+        self.hybrid = buffer.dist_index.use_hybrid_fsdp
+        gbufs = [buffer.parameter_groups[index].main_grad_buffer for index in sorted(self.buckets)]
+        if self.hybrid:
+            for gbuf in gbufs:
+                gbuf.gradient_scaling_factor = 0.5 * (gbuf.gradient_scaling_factor or 1.0)
+            self.factors = []
+        else:
+            self.factors = [(gbuf, gbuf.gradient_scaling_factor) for gbuf in gbufs if gbuf.gradient_scaling_factor]
+            self.factors = [(gbuf, factor) for gbuf, factor in self.factors if factor != 1.0]
+
+    def skip_reduction(self) -> None:
+        """Make the pipeline's reduction of a bucket group leave out these buckets."""
+        if self.hybrid or not self.buckets:
+            return
+        reduce, pipeline, skipped = self.pipeline._bucket_group_gradient_reduce, self.pipeline, self.buckets
+
+        def reduce_distributed(bucket_group: list[int], *args, **kwargs) -> bool:
+            for index in bucket_group:
+                if index in skipped:
+                    pipeline.bucket_grad_ready_params[index] = set()
+            distributed = [index for index in bucket_group if index not in skipped]
+            return reduce(distributed, *args, **kwargs) if distributed else True
+
+        pipeline._bucket_group_gradient_reduce = reduce_distributed
+
+    @torch.no_grad()
+    def scale(self) -> None:
+        for gbuf, factor in self.factors:
+            gbuf.data.mul_(factor)
+
+
 def install(wrapped) -> Callable:
     """Replace the wrapped model's per-parameter bookkeeping where `GradientViews` and `copy_main_weights` apply;
     returns the `finalize_model_grads_func` to give megatron-core's schedule."""
@@ -120,6 +173,8 @@ def install(wrapped) -> Callable:
     if same_weight_layouts(buffer):
         buffer.copy_main_weights_to_model_weights = lambda: copy_main_weights(buffer)
     attach = GradientViews(buffer) if GradientViews.applies_to(buffer) else buffer.update_main_grads
+    undistributed = UndistributedBuffers(wrapped)
+    undistributed.skip_reduction()
     deferred = False
 
     def update_main_grads() -> None:
@@ -136,6 +191,7 @@ def install(wrapped) -> Callable:
         deferred = True
         try:
             finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+            undistributed.scale()
             if num_tokens is not None:
                 group = (
                     pg_collection.dp_cp
