@@ -142,8 +142,7 @@ class UndistributedBuffers:
                 gbuf.gradient_scaling_factor = 0.5 * (gbuf.gradient_scaling_factor or 1.0)
             self.factors = []
         else:
-            self.factors = [(gbuf, gbuf.gradient_scaling_factor) for gbuf in gbufs if gbuf.gradient_scaling_factor]
-            self.factors = [(gbuf, factor) for gbuf, factor in self.factors if factor != 1.0]
+            self.factors = [(g, g.gradient_scaling_factor) for g in gbufs if g.gradient_scaling_factor not in (None, 1)]
 
     def skip_reduction(self) -> None:
         """Make the pipeline's reduction of a bucket group leave out these buckets."""
