@@ -90,6 +90,7 @@ def one(dirs) -> dict:
             "parity": ("transformers_parity", {}),
             "preempted": ("preempted_run", {}),
             "bookkeeping": ("bookkeeping_against_megatron", {}),
+            "resident": ("resident_weights_against_megatron", {}),
         },
     )
 
@@ -117,6 +118,7 @@ def two(dirs, one, hf_model) -> dict:
             "hf_into_ep2": ("load_weights", {"overrides": EP2, "checkpoint": str(hf_model.parent / "hf_converted")}),
             "poisoned": ("poisoned_step", {"overrides": EP2}),
             "bookkeeping_ep2": ("bookkeeping_against_megatron", {"overrides": EP2}),
+            "resident_dp2": ("resident_weights_against_megatron", {"steps": 0}),
         },
     )
 
@@ -316,3 +318,21 @@ def test_the_buffer_wise_bookkeeping_gives_megatron_fsdps_gradients_and_weights_
     assert counts["ranks_not_in_use"] == 0
     assert counts["gradients_compared"] > 0 and counts["weights_changed"] > 0
     assert counts["gradients_differing"] == 0 and counts["weights_differing"] == 0, counts
+
+
+def test_resident_weights_train_without_megatron_fsdps_gathering_hooks_bitwise(one, two):
+    """One rank: the weights are whole in their buffers, the gathering and releasing hooks are gone, and two steps
+    give the losses, gradient norms and weights of the run with every hook kept. Two ranks shard the weights: every
+    hook stays."""
+    dropped, kept = one["resident"]["dropped"], one["resident"]["kept"]
+    assert dropped["hooks"] and all(name.endswith("_root_pre_backward") for name in dropped["hooks"])
+    assert len(kept["hooks"]) > 2 * len(dropped["hooks"]), kept["hooks"]
+    assert all(norm > 0 for norm in dropped["grad_norms"]), dropped["grad_norms"]
+    assert dropped["losses"] == kept["losses"] and dropped["grad_norms"] == kept["grad_norms"]
+    assert dropped["weights"].keys() == kept["weights"].keys() == dropped["initial"].keys()
+    for name, weight in dropped["weights"].items():
+        assert torch.equal(weight, kept["weights"][name]), name
+    assert sum(not torch.equal(w, dropped["initial"][n]) for n, w in dropped["weights"].items()) > 0
+    sharded = two["resident_dp2"]
+    assert sharded["dropped"]["hooks"] == sharded["kept"]["hooks"]
+    assert any("parameter unshard" in name for name in sharded["dropped"]["hooks"])

@@ -292,6 +292,42 @@ def bookkeeping_against_megatron(*, output_dir: str, overrides: list[str] = ()) 
     return dict(zip(keys, counts.tolist(), strict=True))
 
 
+def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dict:
+    """`steps` training steps as the product builds the model, where Megatron-FSDP's weight gathering hooks are
+    removed if the weights are resident (`vlm_fsdp.train.resident_weights`), then as many from the same seed with
+    every hook kept. Returns for each the losses, gradient norms, weights before and after, and the names of the
+    hooks left on the wrapped model."""
+    from vlm_fsdp.train import parallel
+
+    def run(name: str) -> dict:
+        config, dist, t = _start([], str(Path(output_dir) / name))
+        fsdp = t.wrapped.module
+        hooks = sorted(name for table in (fsdp.forward_pre_hooks, fsdp.forward_hooks, fsdp.backward_pre_hooks)
+                       for name in table)  # fmt: skip
+        initial = _weights(t)
+        loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+        microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
+        try:
+            stats = [train_step(config, t, loader, dist, step, microbatches, None) for step in range(1, steps + 1)]
+        finally:
+            loader.close()
+        return {
+            "hooks": hooks,
+            "losses": [s.loss for s in stats],
+            "grad_norms": [s.grad_norm for s in stats],
+            "initial": initial,
+            "weights": _weights(t),
+        }
+
+    dropped = run("dropped")
+    drop, parallel.drop_weight_hooks = parallel.drop_weight_hooks, lambda fsdp: False
+    try:
+        kept = run("kept")
+    finally:
+        parallel.drop_weight_hooks = drop
+    return {"dropped": dropped, "kept": kept}
+
+
 def _first(config, *, text_only: bool):
     from dataclasses import replace
 
