@@ -144,6 +144,24 @@ def test_bench_runs_every_setting_variant_and_system_and_reports_progress(monkey
     assert results["1 microbatch"]["text"]["transformers+liger"] == {"tokens_per_s": 1.0}
 
 
+def test_bench_runs_only_the_variants_asked_for(monkeypatch):
+    from vlm_fsdp.bench import run
+
+    seen = []
+
+    def in_process(runner, config, warmup, steps, path, *, on_step):
+        seen.append(config.data.text_only)
+        return {"tokens_per_s": 1.0}
+
+    monkeypatch.setattr(run, "run_isolated", in_process)
+    config = load_config("qwen3_vl_30b_a3b_proxy")
+    results = run.run_bench(
+        config, warmup=1, steps=1, systems=run.SYSTEMS, settings=("8 microbatches",), variants=("text",)
+    )
+    assert seen == [True] * len(run.SYSTEMS)
+    assert list(results["8 microbatches"]) == ["text"]
+
+
 def test_each_run_has_a_process_whose_failure_or_hang_is_recorded():
     """Real spawned processes: figures and per-step progress come back; running out of memory and making no
     progress become the run's error instead of stopping the bench."""

@@ -23,6 +23,8 @@ BASELINES = ("transformers", "transformers+liger")
 SYSTEMS = (OURS, *BASELINES)
 SETTINGS = {"8 microbatches": 8, "1 microbatch": 1}
 """Setting name -> microbatches per optimizer step."""
+VARIANTS = {"images": False, "text": True}
+"""Variant name -> whether its data is text only."""
 
 
 def render(results: dict) -> str:

@@ -22,7 +22,7 @@ from statistics import mean
 
 import torch
 from vlm_fsdp.bench.hf_baseline import build_hf, hf_inputs, liger_kernels
-from vlm_fsdp.bench.report import SETTINGS, SYSTEMS
+from vlm_fsdp.bench.report import SETTINGS, SYSTEMS, VARIANTS
 from vlm_fsdp.bench.timing import VisionTimer
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.loader import build_loader
@@ -242,18 +242,20 @@ def run_bench(
     steps: int,
     systems: tuple[str, ...],
     settings: tuple[str, ...],
+    variants: tuple[str, ...] = tuple(VARIANTS),
     profile_dir: Path | None = None,
     progress: Callable[[dict], None] | None = None,
     on_step: Tick = _no_tick,
 ) -> dict:
-    """Figures per setting (`SETTINGS`), variant ("images", "text") and system (`RUNNERS`), each run in a process
+    """Figures per setting (`SETTINGS`), variant (`VARIANTS`) and system (`RUNNERS`), each run in a process
     of its own (`run_isolated`); a run that runs out of GPU memory or fails is recorded as such and the others
     still run. `progress` gets the results so far after each run, `on_step` is called after each step."""
     results = {}
     for setting in settings:
         step_batch = SETTINGS[setting] * config.train.micro_batch_size
         results[setting] = {}
-        for variant, text_only in (("images", False), ("text", True)):
+        for variant in variants:
+            text_only = VARIANTS[variant]
             variant_config = replace(
                 config,
                 data=replace(config.data, text_only=text_only),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlm_fsdp.bench.report import SETTINGS, SYSTEMS
+from vlm_fsdp.bench.report import SETTINGS, SYSTEMS, VARIANTS
 from vlm_fsdp.cli.common import add_config_arguments, config_from_args
 
 
@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=list(SETTINGS),
         help="microbatches per optimizer step (default: both; each microbatch is the recipe's, 4,096 tokens on the "
         "proxy)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=tuple(VARIANTS),
+        default=list(VARIANTS),
+        help="which data (default: both): the bundled photos packed with their text, or the text-only data",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json and bench.png go")
     parser.add_argument(
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "seq_length": config.model.seq_length,
         "provenance": provenance(),
     }
-    total = len(args.settings) * 2 * len(args.systems)
+    total = len(args.settings) * len(args.variants) * len(args.systems)
     steps = {"done": 0, "runs": 0}
 
     def on_step() -> None:
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         systems=tuple(args.systems),
         settings=tuple(args.settings),
+        variants=tuple(args.variants),
         profile_dir=args.out if args.profile else None,
         progress=progress,
         on_step=on_step,
