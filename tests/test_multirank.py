@@ -320,12 +320,15 @@ def test_the_buffer_wise_bookkeeping_gives_megatron_fsdps_gradients_and_weights_
     assert counts["gradients_differing"] == 0 and counts["weights_differing"] == 0, counts
 
 
-def test_resident_weights_train_without_megatron_fsdps_gathering_hooks_bitwise(one, two):
-    """One rank: the weights are whole in their buffers, the gathering and releasing hooks are gone, and two steps
-    give the losses, gradient norms and weights of the run with every hook kept. Two ranks shard the weights: every
-    hook stays."""
+def test_resident_buffers_train_without_megatron_fsdps_gathering_hooks_bitwise(one, two):
+    """One rank: the weights and gradients are whole in their buffers, the gathering and releasing hooks are gone,
+    every gradient hook is the one with its buffer slice found once, and two steps give the losses, gradient norms
+    and weights of the run with Megatron-FSDP's hooks. Two ranks shard the buffers: every hook stays."""
     dropped, kept = one["resident"]["dropped"], one["resident"]["kept"]
     assert dropped["hooks"] and all(name.endswith("_root_pre_backward") for name in dropped["hooks"])
+    assert dropped["gradient_hooks"] and all("_accumulate_into" in hook for hook in dropped["gradient_hooks"])
+    assert len(kept["gradient_hooks"]) == len(dropped["gradient_hooks"])
+    assert not any("_accumulate_into" in hook for hook in kept["gradient_hooks"])
     assert len(kept["hooks"]) > 2 * len(dropped["hooks"]), kept["hooks"]
     assert all(norm > 0 for norm in dropped["grad_norms"]), dropped["grad_norms"]
     assert dropped["losses"] == kept["losses"] and dropped["grad_norms"] == kept["grad_norms"]
@@ -335,4 +338,5 @@ def test_resident_weights_train_without_megatron_fsdps_gathering_hooks_bitwise(o
     assert sum(not torch.equal(w, dropped["initial"][n]) for n, w in dropped["weights"].items()) > 0
     sharded = two["resident_dp2"]
     assert sharded["dropped"]["hooks"] == sharded["kept"]["hooks"]
+    assert sharded["dropped"]["gradient_hooks"] == sharded["kept"]["gradient_hooks"]
     assert any("parameter unshard" in name for name in sharded["dropped"]["hooks"])

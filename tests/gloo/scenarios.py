@@ -294,9 +294,10 @@ def bookkeeping_against_megatron(*, output_dir: str, overrides: list[str] = ()) 
 
 def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dict:
     """`steps` training steps as the product builds the model, where Megatron-FSDP's weight gathering hooks are
-    removed if the weights are resident (`vlm_fsdp.train.resident_weights`), then as many from the same seed with
-    every hook kept. Returns for each the losses, gradient norms, weights before and after, and the names of the
-    hooks left on the wrapped model."""
+    removed and its gradient hooks replaced if the buffers are resident (`vlm_fsdp.train.resident_weights`), then as
+    many from the same seed with Megatron-FSDP's hooks as they come. Returns for each the losses, gradient norms,
+    weights before and after, the names of the module hooks left on the wrapped model and the functions of its
+    gradient hooks."""
     from vlm_fsdp.train import parallel
 
     def run(name: str) -> dict:
@@ -304,6 +305,7 @@ def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dic
         fsdp = t.wrapped.module
         hooks = sorted(name for table in (fsdp.forward_pre_hooks, fsdp.forward_hooks, fsdp.backward_pre_hooks)
                        for name in table)  # fmt: skip
+        gradient_hooks = [handle.hooks_dict_ref()[handle.id].__qualname__ for handle in fsdp.grad_acc_hooks.values()]
         initial = _weights(t)
         loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
         microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
@@ -313,6 +315,7 @@ def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dic
             loader.close()
         return {
             "hooks": hooks,
+            "gradient_hooks": gradient_hooks,
             "losses": [s.loss for s in stats],
             "grad_norms": [s.grad_norm for s in stats],
             "initial": initial,
@@ -320,11 +323,11 @@ def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dic
         }
 
     dropped = run("dropped")
-    drop, parallel.drop_weight_hooks = parallel.drop_weight_hooks, lambda fsdp: False
+    use, parallel.use_resident_buffers = parallel.use_resident_buffers, lambda fsdp: None
     try:
         kept = run("kept")
     finally:
-        parallel.drop_weight_hooks = drop
+        parallel.use_resident_buffers = use
     return {"dropped": dropped, "kept": kept}
 
 

@@ -21,7 +21,8 @@
    around the step, handing the gradients to the optimizer and the updated weights back, goes by buffer rather than
    by parameter; a gradient buffer whose data-parallel group is one rank is not reduced at all
    (`vlm_fsdp.train.step_bookkeeping`). Where every weight lies whole on this rank (one GPU), Megatron-FSDP's hooks
-   that gather and release the units' weights are removed (`vlm_fsdp.train.resident_weights`).
+   that gather and release the units' weights are removed, and each parameter's gradient hook adds into a slice of
+   the gradient buffer found once (`vlm_fsdp.train.resident_weights`).
 5. A workaround for megatron-core 0.16.1: frozen parameters get no gradient hook (`_no_hooks_on_frozen_parameters`).
 6. Optimizer (`build_optimizer`): Megatron's distributed optimizer over the sharded fp32 main weights, with Adam
    state for every parameter on every rank, also where a rank's shard of a parameter is empty, (a workaround
@@ -54,7 +55,7 @@ from torch.utils.hooks import RemovableHandle
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.model.vision import VisionTower
 from vlm_fsdp.train import step_bookkeeping
-from vlm_fsdp.train.resident_weights import drop_weight_hooks
+from vlm_fsdp.train.resident_weights import use_resident_buffers
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def wrap(model: torch.nn.Module, tc: TransformerConfig, config: Config, device: 
             fsdp_unit_modules=[TransformerLayer, VisionTower],
             device=device,
         )
-    drop_weight_hooks(wrapped.module)
+    use_resident_buffers(wrapped.module)
     tc.no_sync_func = wrapped.no_sync
     tc.finalize_model_grads_func = step_bookkeeping.install(wrapped)
     return wrapped
