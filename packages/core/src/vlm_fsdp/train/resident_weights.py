@@ -46,11 +46,8 @@ def gradients_resident(fsdp) -> bool:
     (whose hooks hand every gradient to the reduction at once)."""
     if fsdp.ddp_config.data_parallel_sharding_strategy == "no_shard" or fsdp.dist_index.use_hybrid_fsdp:
         return False
-    for group in fsdp.param_and_grad_buffer.parameter_groups:
-        for buffer in (group.main_grad_buffer, group.hsdp_gbuf):
-            if buffer is not None and buffer.is_data_distributed:
-                return False
-    return True
+    buffers = [group.main_grad_buffer for group in fsdp.param_and_grad_buffer.parameter_groups]
+    return not any(buffer is not None and buffer.is_data_distributed for buffer in buffers)
 
 
 def use_resident_buffers(fsdp) -> None:
