@@ -321,11 +321,14 @@ def test_the_buffer_wise_bookkeeping_gives_megatron_fsdps_gradients_and_weights_
 
 
 def test_resident_buffers_train_without_megatron_fsdps_gathering_hooks_bitwise(one, two):
-    """One rank: the weights and gradients are whole in their buffers, the gathering and releasing hooks are gone,
-    every gradient hook is the one with its buffer slice found once, and two steps give the losses, gradient norms
-    and weights of the run with Megatron-FSDP's hooks. Two ranks shard the buffers: every hook stays."""
+    """One rank: the weights and gradients are whole in their buffers, the gathering and releasing hooks are gone from
+    every module (also the decoder layers that Megatron-FSDP's tables, keyed by class, lose), every gradient hook
+    is the one with its buffer slice found once, and two steps give the losses, gradient norms and weights of the
+    run with Megatron-FSDP's hooks. Two ranks shard the buffers: every hook stays."""
     dropped, kept = one["resident"]["dropped"], one["resident"]["kept"]
     assert dropped["hooks"] and all(name.endswith("_root_pre_backward") for name in dropped["hooks"])
+    assert dropped["module_hooks"] and set(dropped["module_hooks"]) == {"_root_pre_backward"}, dropped["module_hooks"]
+    assert kept["module_hooks"].count("_pre_forward_param_unshard") > 1, kept["module_hooks"]
     assert dropped["gradient_hooks"] and all("_accumulate_into" in hook for hook in dropped["gradient_hooks"])
     assert len(kept["gradient_hooks"]) == len(dropped["gradient_hooks"])
     assert not any("_accumulate_into" in hook for hook in kept["gradient_hooks"])
@@ -339,4 +342,5 @@ def test_resident_buffers_train_without_megatron_fsdps_gathering_hooks_bitwise(o
     sharded = two["resident_dp2"]
     assert sharded["dropped"]["hooks"] == sharded["kept"]["hooks"]
     assert sharded["dropped"]["gradient_hooks"] == sharded["kept"]["gradient_hooks"]
+    assert sharded["dropped"]["module_hooks"] == sharded["kept"]["module_hooks"]
     assert any("parameter unshard" in name for name in sharded["dropped"]["hooks"])

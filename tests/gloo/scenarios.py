@@ -5,6 +5,7 @@ data. Each job returns rank 0's result: full (unsharded) tensors gathered from e
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -296,9 +297,10 @@ def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dic
     """`steps` training steps as the product builds the model, where Megatron-FSDP's weight gathering hooks are
     removed and its gradient hooks replaced if the buffers are resident (`vlm_fsdp.train.resident_weights`), then as
     many from the same seed with Megatron-FSDP's hooks as they come. Returns for each the losses, gradient norms,
-    weights before and after, the names of the module hooks left on the wrapped model and the functions of its
-    gradient hooks."""
+    weights before and after, the names of the hooks left in the wrapped model's tables, the functions its modules'
+    Megatron-FSDP hooks run and the functions of its gradient hooks."""
     from vlm_fsdp.train import parallel
+    from vlm_fsdp.train.resident_weights import hook_handler
 
     def run(name: str) -> dict:
         config, dist, t = _start([], str(Path(output_dir) / name))
@@ -306,6 +308,12 @@ def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dic
         hooks = sorted(name for table in (fsdp.forward_pre_hooks, fsdp.forward_hooks, fsdp.backward_pre_hooks)
                        for name in table)  # fmt: skip
         gradient_hooks = [handle.hooks_dict_ref()[handle.id].__qualname__ for handle in fsdp.grad_acc_hooks.values()]
+        module_hooks = sorted(
+            hook_handler(hook).__name__
+            for module in fsdp.module.modules()
+            for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+            if getattr(inspect.unwrap(hook), "__qualname__", "").startswith("MegatronFSDP.")
+        )
         initial = _weights(t)
         loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
         microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
@@ -316,6 +324,7 @@ def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dic
         return {
             "hooks": hooks,
             "gradient_hooks": gradient_hooks,
+            "module_hooks": module_hooks,
             "losses": [s.loss for s in stats],
             "grad_norms": [s.grad_norm for s in stats],
             "initial": initial,

@@ -10,14 +10,16 @@ of its slice of the gradient buffer, and adds the gradient there: where the grad
 either, that slice never moves.
 
 `use_resident_buffers` points the parameters at their buffers once, sets the attributes the all-gather would set,
-and removes the gathering and releasing hooks; where the gradient buffers are resident too, every parameter's
-gradient hook becomes one that adds into the slice found once (`_accumulate_into`) and otherwise does what
-Megatron-FSDP's does. Kept: the root hooks that hand the gradients over after every backward pass. Weights that
-any buffer distributes keep every hook.
+and removes the gathering and releasing hooks from every module that has them (Megatron-FSDP's own tables of hooks
+are keyed by module class, so they hold the last decoder layer's and lose the others'); where the gradient buffers
+are resident too, every parameter's gradient hook becomes one that adds into the slice found once
+(`_accumulate_into`) and otherwise does what Megatron-FSDP's does. Kept: the root hooks that hand the gradients over
+after every backward pass. Weights that any buffer distributes keep every hook.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -57,9 +59,14 @@ def use_resident_buffers(fsdp) -> None:
         return
     # the module's own parameters, not the sharded ones the module holds until its first forward pass
     fsdp.all_gather_and_wait_parameters_ready(list(fsdp.raw_param.values()), prefetch=False)
+    gathering = set()
     for table in (fsdp.forward_pre_hooks, fsdp.forward_hooks, fsdp.backward_pre_hooks):
         for name in [name for name in table if not name.endswith(_ROOT_HOOK)]:
-            table.pop(name).remove()
+            handle = table.pop(name)
+            gathering.add(hook_handler(handle.hooks_dict_ref()[handle.id]))
+            handle.remove()
+    for module in fsdp.module.modules():
+        _remove_module_hooks(module, gathering)
     if not gradients_resident(fsdp):
         return
     for param, name in fsdp.param_to_name.items():
@@ -70,6 +77,30 @@ def use_resident_buffers(fsdp) -> None:
         fsdp.grad_acc_hooks[key] = param.register_post_accumulate_grad_hook(
             _accumulate_into(param.get_main_grad(), fsdp)
         )
+
+
+def hook_handler(hook: Callable) -> Callable:
+    """The function a Megatron-FSDP module hook runs: the hook itself (without torch.compiler.disable's wrapper), or
+    for a backward hook, which Megatron-FSDP attaches through a forward hook of its own per module, the handler that
+    forward hook's closure holds."""
+    hook = inspect.unwrap(hook)
+    code = getattr(hook, "__code__", None)
+    if code is None:
+        return hook
+    cells = dict(zip(code.co_freevars, hook.__closure__ or (), strict=True))
+    return cells["custom_backward_handler"].cell_contents if "custom_backward_handler" in cells else hook
+
+
+def _remove_module_hooks(module: torch.nn.Module, handlers: set[Callable]) -> None:
+    """Remove `module`'s forward pre-hooks and forward hooks that run one of `handlers`."""
+    for hooks, companions in (
+        (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        (module._forward_hooks, (module._forward_hooks_with_kwargs, module._forward_hooks_always_called)),
+    ):
+        for key in [key for key, hook in hooks.items() if hook_handler(hook) in handlers]:
+            del hooks[key]
+            for companion in companions:
+                companion.pop(key, None)
 
 
 def _accumulate_into(main_grad: torch.Tensor, fsdp) -> Callable[[torch.Tensor], None]:
