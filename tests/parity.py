@@ -19,7 +19,7 @@ from vlm_fsdp.model.transformer_config import transformer_config
 def cpu_config() -> Config:
     """The tiny recipe as the CPU tests run it: fp32, the all-gather token dispatcher (constructing the all-to-all
     one needs CUDA streams; on one rank either is replaced by `LocalTokenDispatcher`), built directly on the CPU,
-    data read in the test's process."""
+    data read in the test's process, two sequences per microbatch."""
     return load_config(
         "tiny",
         overrides=[
@@ -27,6 +27,7 @@ def cpu_config() -> Config:
             "model.moe_token_dispatcher_type=allgather",
             "model.init_model_with_meta_device=false",
             "data.num_workers=0",
+            "train.micro_batch_size=2",
         ],
     )
 

@@ -76,9 +76,7 @@ def test_recipes_lists_recipes_with_summaries(capsys):
 def test_recipes_show_the_whole_first_paragraph_of_the_docstring(capsys):
     assert main(["recipes"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny "))
-    assert line.endswith(
-        "a one-GPU smoke run of 100 steps (about a minute of steps on an H100, two minutes with start-up)."
-    )
+    assert line.endswith("on several GPUs lower train.micro_batch_size to global_batch_size / GPUs or below.")
 
 
 def test_bad_config_input_gives_one_line_and_exit_2_without_traceback():

@@ -132,6 +132,7 @@ def test_overrides_are_quoted_for_the_shell(capsys, tmp_path):
             "1",
             "--gpus-per-node",
             "4",
+            "train.micro_batch_size=2",
             "model.vision.deepstack_visual_indexes=[1, 2]",
             "logger.wandb_exp_name=it's mine",
         ],
