@@ -17,7 +17,7 @@ from vlm_fsdp.data.loader import build_loader
 
 
 def test_transformers_baseline_trains_on_our_batches_with_the_same_loss_tokens():
-    config = load_config("tiny", overrides=["data.num_workers=0"])
+    config = load_config("tiny", overrides=["data.num_workers=0", "train.micro_batch_size=2"])
     loader = build_loader(config)
     batch = next(loader)
     loader.close()
@@ -137,11 +137,22 @@ def test_bench_runs_every_setting_variant_and_system_and_reports_progress(monkey
         progress=reported.append,
         on_step=lambda: ticks.append(1),
     )
-    assert len(seen) == len(reported) == len(ticks) == 12
+    assert len(seen) == len(reported) == len(ticks) == 16
     assert {runner for runner, _, _ in seen} == set(run.RUNNERS.values())
     assert {(gbs, text) for _, gbs, text in seen} == {(8, False), (8, True), (1, False), (1, True)}
     assert results["8 microbatches"]["text"]["transformers"]["error"].startswith("out of GPU memory")
     assert results["1 microbatch"]["text"]["transformers+liger"] == {"tokens_per_s": 1.0}
+
+
+def test_the_bf16_adam_system_is_vlm_fsdp_without_fp32_main_weights(monkeypatch):
+    from vlm_fsdp.bench import run
+
+    seen = []
+    monkeypatch.setattr(run, "bench_ours", lambda config, *args: seen.append(config) or {"tokens_per_s": 1.0})
+    config = load_config("qwen3_vl_30b_a3b_proxy")
+    assert run.RUNNERS["vlm-fsdp-bf16-adam"](config, 1, 1) == {"tokens_per_s": 1.0}
+    assert config.ddp.preserve_fp32_weights and not seen[0].ddp.preserve_fp32_weights
+    assert seen[0].model == config.model and seen[0].optimizer == config.optimizer
 
 
 def test_bench_runs_only_the_variants_asked_for(monkeypatch):

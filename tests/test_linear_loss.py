@@ -1,12 +1,12 @@
 """The chunked output layer + cross-entropy (`vlm_fsdp.model.linear_loss`) against logits and torch's
-cross-entropy: losses and gradients over several chunks, ignored tokens, a frozen weight, and the contract on the
-incoming gradient."""
+cross-entropy: losses and gradients over several chunks, ignored tokens (which get no output-layer work), a frozen
+weight, the host's count of labelled tokens, and the contract on the incoming gradient."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from vlm_fsdp.model import linear_loss
+from vlm_fsdp.model import linear_loss, loss_chunks
 from vlm_fsdp.model.linear_loss import linear_cross_entropy
 
 VOCAB = 1000
@@ -14,7 +14,7 @@ VOCAB = 1000
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(linear_loss, "CHUNK_BYTES", 4 * VOCAB * 7)  # 7 tokens per chunk: 33 tokens make 5 chunks
+    monkeypatch.setattr(loss_chunks, "CHUNK_BYTES", 4 * VOCAB * 7)  # 7 tokens per chunk: 33 tokens make 5 chunks
 
 
 def _inputs(dtype, weight_grad=True):
@@ -31,8 +31,10 @@ def _reference(hidden, weight, labels):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 64], ids=["several chunks", "one chunk"])
 @pytest.mark.parametrize(("dtype", "bound"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_losses_and_gradients_equal_cross_entropy_over_the_logits(dtype, bound):
+def test_losses_and_gradients_equal_cross_entropy_over_the_logits(dtype, bound, chunk_rows, monkeypatch):
+    monkeypatch.setattr(loss_chunks, "CHUNK_BYTES", 4 * VOCAB * chunk_rows)
     hidden, weight, labels = _inputs(dtype)
     losses = linear_cross_entropy(hidden, weight, labels)
     (losses.sum() * 0.37).backward()
@@ -47,6 +49,39 @@ def test_losses_and_gradients_equal_cross_entropy_over_the_logits(dtype, bound):
         assert (got - expected).abs().max() / expected.abs().max() < bound
     with torch.no_grad():
         assert (linear_cross_entropy(hidden, weight, labels) - reference).abs().max() < 1e-5
+
+
+def test_only_labelled_tokens_pass_through_the_output_layer():
+    """33 tokens, 5 without a label: the softmax gradient sees 28 rows (4 chunks of at most 7), those of the
+    labelled tokens, and the host's count gives what reading the count from the labels gives."""
+    hidden, weight, labels = _inputs(torch.float32)
+    seen = []
+
+    def recording(logits, targets):
+        seen.append(targets)
+        return linear_loss.softmax_grad(logits, targets)
+
+    count = int((labels != -100).sum())
+    losses = linear_cross_entropy(hidden, weight, labels, count=count, gradient=recording)
+    assert [len(t) for t in seen] == [7, 7, 7, 7]
+    assert torch.equal(torch.cat(seen), labels[labels != -100])
+    assert torch.equal(losses, linear_cross_entropy(hidden, weight, labels))
+    losses.sum().backward()
+    assert hidden.grad[labels == -100].eq(0).all() and hidden.grad[labels != -100].ne(0).any()
+
+
+def test_a_wrong_count_of_labelled_tokens_is_refused():
+    hidden, weight, labels = _inputs(torch.float32)
+    with pytest.raises(RuntimeError):
+        linear_cross_entropy(hidden, weight, labels, count=int((labels != -100).sum()) - 1)
+
+
+def test_a_microbatch_without_labels_has_zero_loss_and_gradient():
+    hidden, weight, labels = _inputs(torch.float32)
+    labels[:] = -100
+    losses = linear_cross_entropy(hidden, weight, labels, count=0)
+    losses.sum().backward()
+    assert losses.eq(0).all() and hidden.grad.eq(0).all() and weight.grad.eq(0).all()
 
 
 def test_a_frozen_output_weight_gets_no_gradient():
@@ -79,9 +114,8 @@ def test_the_compiled_softmax_gradient_is_the_eager_one_for_any_chunk_length():
     for rows in (7, 5):
         logits = torch.randn(rows, VOCAB, dtype=torch.bfloat16)
         labels = torch.randint(0, VOCAB, (rows,))
-        counted = (torch.rand(rows) > 0.3).float()
-        expected = linear_loss.softmax_grad(logits.clone(), labels, counted)
-        got = compiled(logits.clone(), labels, counted)
+        expected = linear_loss.softmax_grad(logits.clone(), labels)
+        got = compiled(logits.clone(), labels)
         for a, b in zip(got, expected, strict=True):
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -92,6 +92,7 @@ def test_fp32_gradients_equal_transformers(config):
     ).logits[0]
     torch.nn.functional.cross_entropy(reference[target], labels[target], reduction="sum").backward()
     batch.labels[0, end:] = batch.labels[1:] = -100  # the loss of the first sample only
+    batch.num_loss_tokens = int(target.sum())
     ours(batch).sum().backward()
 
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}

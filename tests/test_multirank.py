@@ -14,6 +14,9 @@ sequences and the bundled data, four sequences per optimizer step.
 - The first step's gradients with the load-balancing loss on equal transformers' for Megatron's objective.
 - Hugging Face weights load into an expert-parallel run; an expert-parallel checkpoint converts to Hugging Face
   and back bitwise, and `inspect` reads it.
+- With bf16 weights and no fp32 main weights (`ddp.preserve_fp32_weights=false`), a step on one rank and at EP 2 on
+  two is torch's AdamW on the bf16 weights, bitwise, a run on two ranks resumes exactly, and checkpoints with and
+  without fp32 main weights resume into each other.
 
 Each world size starts its processes once per few jobs and runs them in turn (about six minutes in all on two cores).
 """
@@ -40,6 +43,7 @@ FROZEN = ["model.freeze_vision_model=true", "model.freeze_vision_projection=true
 TEXT = ["data.text_only=true"]
 MEAN = ["model.calculate_per_token_loss=false"]
 NO_SHARD = ["ddp.data_parallel_sharding_strategy=no_shard", "model.init_model_with_meta_device=false"]
+BF16_WEIGHTS = ["model.bf16=true", "ddp.preserve_fp32_weights=false"]
 GRADIENT_BOUND = 1e-5  # largest difference relative to the largest reference gradient of a parameter (fp32)
 NORM_BOUND = 1e-4  # fp32 norms on the CPU accumulate in single precision: they move with the sharding
 LOSS_BOUND = 1e-6  # measured: within 2e-7 on every layout
@@ -91,6 +95,7 @@ def one(dirs) -> dict:
             "preempted": ("preempted_run", {}),
             "bookkeeping": ("bookkeeping_against_megatron", {}),
             "resident": ("resident_weights_against_megatron", {}),
+            "bf16_weights": ("bf16_weights_against_torch_adamw", {}),
         },
     )
 
@@ -119,6 +124,11 @@ def two(dirs, one, hf_model) -> dict:
             "poisoned": ("poisoned_step", {"overrides": EP2}),
             "bookkeeping_ep2": ("bookkeeping_against_megatron", {"overrides": EP2}),
             "resident_dp2": ("resident_weights_against_megatron", {"steps": 0}),
+            "bf16_weights_ep2": ("bf16_weights_against_torch_adamw", {"overrides": EP2}),
+            "run_bf16": ("run", {"overrides": BF16_WEIGHTS}),
+            "resumed_bf16": ("run", {"overrides": BF16_WEIGHTS, "resume_from": _step2(d / "run_bf16")}),
+            "fp32_to_bf16": ("run", {"overrides": BF16_WEIGHTS, "resume_from": _step2(d / "run_dp2")}),
+            "bf16_to_fp32": ("run", {"resume_from": _step2(d / "run_bf16")}),
         },
     )
 
@@ -223,11 +233,30 @@ def test_ranks_get_comparable_image_patches(two, four):
         assert min(patches) > 0 and max(patches) / min(patches) < 1.1, patches
 
 
-def test_a_run_resumed_on_its_own_layout_continues_exactly(two):
-    full, resumed = two["run_dp2"], two["resumed_dp2"]
+@pytest.mark.parametrize("case", ["dp2", "bf16"])
+def test_a_run_resumed_on_its_own_layout_continues_exactly(two, case):
+    full, resumed = two[f"run_{case}"], two[f"resumed_{case}"]
     assert resumed["steps"] == [3, 4]
     assert resumed["losses"] == full["losses"][2:]
     assert resumed["grad_norms"] == full["grad_norms"][2:]
+
+
+@pytest.mark.parametrize(("case", "reference"), [("fp32_to_bf16", "run_dp2"), ("bf16_to_fp32", "run_bf16")])
+def test_checkpoints_with_and_without_fp32_main_weights_resume_into_each_other(two, case, reference):
+    """A run switched to bf16 weights (to fit memory) or back continues close to the uninterrupted run."""
+    resumed = two[case]
+    assert resumed["steps"] == [3, 4]
+    assert resumed["losses"] == pytest.approx(two[reference]["losses"][2:], rel=1e-3)
+
+
+@pytest.mark.parametrize(("world", "case"), [(1, "bf16_weights"), (2, "bf16_weights_ep2")])
+def test_bf16_weights_are_updated_as_torchs_adamw_updates_them(one, two, world, case):
+    """`ddp.preserve_fp32_weights=false`: no fp32 main weights, the optimizer's weights, gradients and moments are
+    bf16, and the update is exactly torch's AdamW on the bf16 weights (what transformers' training does)."""
+    result = (one if world == 1 else two)[case]
+    assert result["dtypes"] == ["torch.bfloat16"]
+    assert result["shards_compared"] > 0 and result["shards_changed"] > result["shards_compared"] // 2, result
+    assert result["shards_differing"] == 0, result
 
 
 def test_runs_on_every_layout_follow_the_single_process_losses(one, two, four):

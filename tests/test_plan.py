@@ -74,18 +74,29 @@ def test_recompute_and_freezing_reduce_memory():
     assert estimate_memory(text, 1, 0.0).optimizer == estimate_memory(untrained, 1, 0.0).optimizer
 
 
+def test_without_fp32_main_weights_the_optimizer_keeps_a_third_of_its_state():
+    """fp32 main weights and moments (12 bytes per trained parameter) against bf16 moments alone (4)."""
+    fp32 = estimate_memory(load_config("qwen3_vl_30b_a3b_proxy"), 1, 0.5)
+    bf16 = estimate_memory(load_config("qwen3_vl_30b_a3b_proxy", overrides=["ddp.preserve_fp32_weights=false"]), 1, 0.5)
+    assert bf16.optimizer * 3 == pytest.approx(fp32.optimizer, rel=1e-9)
+    assert (bf16.weights, bf16.gradients, bf16.activations) == (fp32.weights, fp32.gradients, fp32.activations)
+
+
 def test_flops_per_token_is_six_times_active_matmul_params_plus_attention():
     m = load_config("qwen3_vl_30b_a3b").model
     counts = count_params(m)
-    # per token the forward pass multiplies by every active weight matrix once (2 FLOPs per weight)
+    # per token the forward pass multiplies by every active weight matrix of the decoder layers once (2 FLOPs per
+    # weight), and a labelled token by the output layer's too
     active_matmul = counts.language_dense - m.num_layers * (2 * m.hidden_size + 2 * m.kv_channels) - m.hidden_size
-    active_matmul += counts.active_experts + m.vocab_size * m.hidden_size
+    active_matmul += counts.active_experts
     assert text_token_flops(m) == 2 * active_matmul
-    doc = 4096
+    doc, labelled = 4096, 1000
     attention = m.num_layers * 4 * m.num_attention_heads * m.kv_channels * doc * (doc + 1) // 2
-    assert training_flops(m, [doc]) == 3 * (doc * 2 * active_matmul + attention)
+    output = 2 * m.vocab_size * m.hidden_size
+    expected = 3 * (doc * 2 * active_matmul + attention + labelled * output)
+    assert training_flops(m, [doc], labelled_tokens=labelled) == expected
     # packing two documents halves-ish the attention work, never the weight work
-    assert training_flops(m, [2048, 2048]) < training_flops(m, [4096])
+    assert training_flops(m, [2048, 2048], labelled_tokens=0) < training_flops(m, [4096], labelled_tokens=0)
 
 
 def test_invalid_layout_is_rejected_with_reasons(capsys):

@@ -293,6 +293,59 @@ def bookkeeping_against_megatron(*, output_dir: str, overrides: list[str] = ()) 
     return dict(zip(keys, counts.tolist(), strict=True))
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def bf16_weights_against_torch_adamw(*, output_dir: str, overrides: list[str] = ()) -> dict:
+    """With `ddp.preserve_fp32_weights=false` in bf16: two training steps (the first at the warm-up's learning rate
+    of zero), the second against torch's own AdamW applied to a copy of each rank's bf16 weight shards, with the
+    optimizer's state before the step and the step's gradients. Returns, summed over the ranks, how many shards
+    differ in any bit, how many were compared and how many the step changed, and the dtypes of the optimizer's
+    weights, gradients and moments."""
+    config, dist, t = _start(["model.bf16=true", "ddp.preserve_fp32_weights=false", *overrides], output_dir)
+    loader = build_loader(config, dp_rank=dist.dp_rank, dp_size=dist.dp_size)
+    microbatches = config.train.global_batch_size // (config.train.micro_batch_size * dist.dp_size)
+    adams = [part.optimizer for part in getattr(t.optimizer, "chained_optimizers", [t.optimizer])]
+    try:
+        train_step(config, t, loader, dist, 1, microbatches, None)
+        before = [
+            (
+                {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")},  # the step's: the schedule moves on
+                [(p, _local(p), {k: _local(v) for k, v in adam.state[p].items()}) for p in group["params"]],
+            )
+            for adam in adams
+            for group in adam.param_groups
+        ]
+        train_step(config, t, loader, dist, 2, microbatches, None)
+    finally:
+        loader.close()
+    differing = compared = changed = 0
+    dtypes = set()
+    for settings, params in before:
+        for param, weight, state in params:
+            if param.grad is None:
+                continue
+            copy = weight.clone().requires_grad_()
+            copy.grad = param.grad.to_local()
+            reference = torch.optim.AdamW([copy], **settings, foreach=False)
+            reference.state[copy] = {k: v.clone() for k, v in state.items()}
+            reference.step()
+            updated = param.to_local().detach()
+            differing += not torch.equal(copy.detach(), updated)
+            compared += 1
+            changed += not torch.equal(weight, updated)
+            dtypes |= {
+                str(updated.dtype),
+                str(param.grad.dtype),
+                *(str(v.dtype) for k, v in state.items() if k != "step"),
+            }
+    counts = torch.tensor([differing, compared, changed])
+    torch.distributed.all_reduce(counts)
+    keys = ("shards_differing", "shards_compared", "shards_changed")
+    return dict(zip(keys, counts.tolist(), strict=True)) | {"dtypes": sorted(dtypes)}
+
+
 def resident_weights_against_megatron(*, output_dir: str, steps: int = 2) -> dict:
     """`steps` training steps as the product builds the model, where Megatron-FSDP's weight gathering hooks are
     removed and its gradient hooks replaced if the buffers are resident (`vlm_fsdp.train.resident_weights`), then as

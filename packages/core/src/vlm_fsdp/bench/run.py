@@ -114,6 +114,13 @@ def _measure_ours(config: Config, dist: Dist, warmup: int, steps: int, profile_p
     return summary
 
 
+def bench_ours_bf16_adam(
+    config: Config, warmup: int, steps: int, profile_path: Path | None = None, tick: Tick = _no_tick
+) -> dict:
+    bf16_adam = replace(config, ddp=replace(config.ddp, preserve_fp32_weights=False))
+    return bench_ours(bf16_adam, warmup, steps, profile_path, tick)
+
+
 def bench_liger(
     config: Config, warmup: int, steps: int, profile_path: Path | None = None, tick: Tick = _no_tick
 ) -> dict:
@@ -158,7 +165,10 @@ def bench_transformers(
         elapsed = time.perf_counter() - start
         vision = timer.read()
         tokens = sum(b.num_tokens for b in batches)
-        flops = sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches)
+        flops = sum(
+            training_flops(config.model, b.doc_lengths, b.image_patches, labelled_tokens=b.num_loss_tokens)
+            for b in batches
+        )
         tflops = flops / elapsed / 1e12
         return {
             "tokens_per_s": tokens / elapsed,
@@ -185,7 +195,7 @@ def bench_transformers(
     return _summary(rows)
 
 
-RUNNERS = dict(zip(SYSTEMS, (bench_ours, bench_transformers, bench_liger), strict=True))
+RUNNERS = dict(zip(SYSTEMS, (bench_ours, bench_ours_bf16_adam, bench_transformers, bench_liger), strict=True))
 
 STEP_TIMEOUT_S = 300.0
 """A run whose process finishes no step for this long (the first includes compiling) is ended and recorded."""

@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="benchmark the trainer against transformers and transformers + Liger on one GPU (table, chart, JSON)",
-        description="Train the recipe (default: the qwen3_vl_30b_a3b_proxy) with vlm-fsdp, with transformers' "
+        description="Train the recipe (default: the qwen3_vl_30b_a3b_proxy) with vlm-fsdp (with fp32 main weights, "
+        "and with Adam on the bf16 weights), with transformers' "
         "Qwen3VLMoeForConditionalGeneration built from the same config, and with that model patched by Liger's "
         "kernels (the `bench` extra), on the same bundled photos packed into sequences and on the text-only data, "
         "bf16, AdamW, at eight microbatches per optimizer step and at one. Prints useful tokens/s, TFLOP/s and MFU "
@@ -30,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=SYSTEMS,
         default=list(SYSTEMS),
-        help="what to run (default: all three)",
+        help="what to run (default: all four; vlm-fsdp-bf16-adam is vlm-fsdp with ddp.preserve_fp32_weights=false, "
+        "Adam on the bf16 weights as the baselines do)",
     )
     parser.add_argument(
         "--settings",

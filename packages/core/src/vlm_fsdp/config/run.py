@@ -144,6 +144,10 @@ class DDPConfig:
     """Overlap parameter all-gather with compute; null: on with Megatron-FSDP."""
     grad_reduce_in_fp32: bool = False
     """Reduce gradients in fp32 (exact, twice the traffic) instead of bf16."""
+    preserve_fp32_weights: bool = True
+    """Keep fp32 main weights for the optimizer, with fp32 Adam moments; false: Adam updates the bf16 weights in
+    place with bf16 moments and gradients, as torch's AdamW does on a bf16 model (8 bytes of state per trained
+    parameter instead of 16 to 20, but an update smaller than a weight's bf16 rounding step is lost)."""
     fsdp_double_buffer: bool = False
     """Keep two persistent all-gather buffers for FSDP units (steadier memory, needed by NCCL user buffers)."""
     nccl_ub: bool = False

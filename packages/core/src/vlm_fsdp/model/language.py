@@ -8,13 +8,15 @@ Design choices:
 - Positions: `position_embedding_type="none"` and `_preprocess` supplies interleaved mRoPE angles computed from
   the `[3, batch, seq]` position ids (Megatron-Core's own mRoPE is the sectioned Qwen2-VL variant).
 - Packed samples: the cumulative sequence lengths travel in the `attention_mask` argument to `PackedAttention`.
-- Loss: the output layer computes the cross-entropy chunk by chunk (`linear_loss.py`), never the whole
-  microbatch's logits, when labels are given.
+- Loss: given `Targets` as its labels, the output layer computes the cross-entropy chunk by chunk over the tokens
+  that have a label (`linear_loss.py`), never the whole microbatch's logits.
 - DeepStack: forward hooks on the first decoder layers add the vision features of DeepStack level i to the
   output of layer i at image-token positions (they also run when a layer is recomputed).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -59,8 +61,19 @@ def decoder_layer_spec() -> ModuleSpec:
     )
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What the loss is computed against; `LanguageModel.forward` takes it as its `labels`."""
+
+    labels: torch.Tensor
+    """[batch, seq] int64, -100 where there is no loss."""
+    count: int
+    """The number of labels that are not -100 (known on the host, so finding them does not wait for the GPU)."""
+
+
 class LanguageModel(GPTModel):
-    """Qwen3-VL-MoE text decoder; `forward` returns the per-token loss `[batch, seq]` when labels are given."""
+    """Qwen3-VL-MoE text decoder; `forward` returns the per-token loss `[batch, seq]` when given `Targets` as its
+    labels."""
 
     def __init__(self, config: TransformerConfig, model: ModelConfig) -> None:
         super().__init__(
@@ -93,11 +106,12 @@ class LanguageModel(GPTModel):
         )
         return tuple(out)
 
-    def _postprocess(self, hidden_states, labels=None, **kwargs):
+    def _postprocess(self, hidden_states, labels: Targets | None = None, **kwargs):
         if labels is None:
             return super()._postprocess(hidden_states, labels=None, **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        loss, _ = self.output_layer(hidden_states, weight=weight, labels=labels.t())  # [seq, batch] like the states
+        # [seq, batch] like the states
+        loss, _ = self.output_layer(hidden_states, weight=weight, labels=labels.labels.t(), count=labels.count)
         return loss.t()
 
     def _deepstack_hook(self, index: int):

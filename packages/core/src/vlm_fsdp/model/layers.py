@@ -35,11 +35,11 @@ class OutputLayer(ColumnParallelLinear):
     softmax_grad: SoftmaxGrad = staticmethod(softmax_grad)
     """The loss's per-chunk gradient (`vlm_fsdp.model.compile` replaces it with its compiled version)."""
 
-    def forward(self, input_, weight=None, runtime_gather_output=None, labels=None):
+    def forward(self, input_, weight=None, runtime_gather_output=None, labels=None, count=None):
         if labels is None:
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
         weight = self.weight if weight is None else weight
-        return linear_cross_entropy(input_, weight, labels, gradient=self.softmax_grad), None
+        return linear_cross_entropy(input_, weight, labels, count=count, gradient=self.softmax_grad), None
 
 
 def make_resettable(module: torch.nn.Module, init_method) -> None:

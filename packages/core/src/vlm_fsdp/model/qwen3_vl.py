@@ -18,7 +18,7 @@ from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.config.run import FrozenParts
 from vlm_fsdp.data.batch import Batch
 from vlm_fsdp.data.vision_inputs import map_tensors, position_grid_side, vision_inputs
-from vlm_fsdp.model.language import LanguageModel
+from vlm_fsdp.model.language import LanguageModel, Targets
 from vlm_fsdp.model.vision import build_vision
 
 PROJECTION_PREFIXES = ("merger.", "deepstack_merger_list.")
@@ -51,13 +51,13 @@ class Qwen3VLMoe(MegatronModule):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Per-token cross-entropy `[batch, seq]` in fp32; zero where `batch.labels` is -100."""
-        return self._decode(batch, labels=batch.labels)
+        return self._decode(batch, Targets(labels=batch.labels, count=batch.num_loss_tokens))
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Output logits `[batch, seq, vocab]`."""
-        return self._decode(batch, labels=None)
+        return self._decode(batch, None)
 
-    def _decode(self, batch: Batch, labels: torch.Tensor | None) -> torch.Tensor:
+    def _decode(self, batch: Batch, targets: Targets | None) -> torch.Tensor:
         lm = self.language_model
         embeds = lm.embedding(input_ids=batch.input_ids, position_ids=None)  # [seq, batch, hidden]
         embeds, lm.deepstack = self._add_vision(batch, embeds)
@@ -67,7 +67,7 @@ class Qwen3VLMoe(MegatronModule):
                 position_ids=batch.position_ids,
                 attention_mask=batch.cu_seqlens,
                 decoder_input=embeds,
-                labels=labels,
+                labels=targets,
             )
         finally:
             lm.deepstack = None

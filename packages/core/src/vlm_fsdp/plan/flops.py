@@ -5,7 +5,12 @@ pass (the backward pass computes input and weight gradients: 2x). Not counted: n
 rotary embeddings, the router's top-k, embedding lookups (all memory-bound, a few percent of the time).
 
 - Language decoder, per token: Q/K/V/O projections, the router, and the top-k experts' SwiGLU MLPs of every
-  layer, plus the output layer.
+  layer.
+- Output layer, per labelled token (one whose next token is a loss target): training needs the logits of those
+  tokens only, and vlm-fsdp computes no others (`vlm_fsdp.model.linear_loss`). Megatron-Core's and PaLM's
+  formulas count it on every token; on supervised data, where the prompt and the image tokens carry no label,
+  that counts work the step need not do (at Qwen3's vocabulary the output layer is as much as the whole
+  30B-A3B decoder per token).
 - Attention, per packed document of length s (packed documents never attend to each other):
   QK^T and attention x V over the pairs actually computed, s(s+1)/2 with the causal mask (or s^2 when
   `causal=False`, what an eager implementation that masks a full score matrix multiplies).
@@ -22,13 +27,18 @@ from vlm_fsdp.config.model import ModelConfig
 
 
 def text_token_flops(m: ModelConfig) -> int:
-    """Forward FLOPs of one token through the decoder's weights (no attention scores) and the output layer."""
+    """Forward FLOPs of one token through the decoder layers' weights (no attention scores, no output layer)."""
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
     attention = m.hidden_size * (q + 2 * kv) + q * m.hidden_size
     router = m.hidden_size * m.num_moe_experts
     experts = m.moe_router_topk * 3 * m.hidden_size * m.moe_ffn_hidden_size
-    return 2 * (m.num_layers * (attention + router + experts) + m.hidden_size * m.vocab_size)
+    return 2 * m.num_layers * (attention + router + experts)
+
+
+def output_token_flops(m: ModelConfig) -> int:
+    """Forward FLOPs of the output layer for one labelled token."""
+    return 2 * m.hidden_size * m.vocab_size
 
 
 def attention_flops(m: ModelConfig, doc_length: int, *, causal: bool = True) -> int:
@@ -37,10 +47,12 @@ def attention_flops(m: ModelConfig, doc_length: int, *, causal: bool = True) -> 
     return m.num_layers * 2 * 2 * m.num_attention_heads * m.kv_channels * pairs
 
 
-def text_forward_flops(m: ModelConfig, doc_lengths: Iterable[int], *, causal: bool = True) -> int:
-    """Forward FLOPs of the decoder over packed documents of these lengths."""
+def text_forward_flops(m: ModelConfig, doc_lengths: Iterable[int], *, labelled_tokens: int, causal: bool = True) -> int:
+    """Forward FLOPs of the decoder over packed documents of these lengths, and of the output layer over
+    `labelled_tokens` of their tokens."""
     lengths = list(doc_lengths)
-    return sum(lengths) * text_token_flops(m) + sum(attention_flops(m, s, causal=causal) for s in lengths)
+    attention = sum(attention_flops(m, s, causal=causal) for s in lengths)
+    return sum(lengths) * text_token_flops(m) + attention + labelled_tokens * output_token_flops(m)
 
 
 def vision_patch_flops(m: ModelConfig) -> int:
@@ -64,7 +76,14 @@ def vision_forward_flops(m: ModelConfig, image_patches: Iterable[int]) -> int:
 
 
 def training_flops(
-    m: ModelConfig, doc_lengths: Sequence[int], image_patches: Sequence[int] = (), *, causal: bool = True
+    m: ModelConfig,
+    doc_lengths: Sequence[int],
+    image_patches: Sequence[int] = (),
+    *,
+    labelled_tokens: int,
+    causal: bool = True,
 ) -> int:
-    """FLOPs of one forward and backward pass over a packed sequence and its images."""
-    return 3 * (text_forward_flops(m, doc_lengths, causal=causal) + vision_forward_flops(m, image_patches))
+    """FLOPs of one forward and backward pass over a packed sequence with `labelled_tokens` loss targets, and its
+    images."""
+    text = text_forward_flops(m, doc_lengths, labelled_tokens=labelled_tokens, causal=causal)
+    return 3 * (text + vision_forward_flops(m, image_patches))

@@ -1,7 +1,8 @@
 """Per-GPU memory estimate of a training layout.
 
 Model state (exact given the parameter counts): bf16 weights (2 bytes), gradients (2 bytes, 4 with
-`ddp.grad_reduce_in_fp32`), and for trainable parameters fp32 main weights plus Adam's two moments (12 bytes).
+`ddp.grad_reduce_in_fp32`), and for trainable parameters fp32 main weights plus Adam's two moments (12 bytes), or
+with `ddp.preserve_fp32_weights=false` only the moments, in the weights' dtype (4 bytes in bf16).
 Experts are split by expert parallelism; the
 sharding strategy then divides optimizer state (`no_shard`: nothing; `optim_grads`: optimizer state and gradients;
 `optim_grads_params`: also the weights) over the data-parallel ranks of each: every GPU for dense parameters, the
@@ -11,8 +12,9 @@ or the whole vision tower).
 
 Activations (an estimate, bf16): per decoder layer and token the tensors kept for the backward pass
 (norm inputs/outputs, Q/K/V and attention output, router scores, each routed copy's expert input and SwiGLU
-intermediates), reduced by recompute; per vision patch and block the same for the ViT; and the output logits
-in bf16 plus their fp32 copy for the loss.
+intermediates), reduced by recompute; per vision patch and block the same for the ViT; and the loss's largest
+chunk of logits (bf16, their fp32 copy and their bf16 gradient, as if every token had a label) with the output
+weight's fp32 gradient (`vlm_fsdp.model.linear_loss`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_fsdp.config.run import Config, frozen_parts
+from vlm_fsdp.model.loss_chunks import chunk_rows
 from vlm_fsdp.plan.params import ParamCounts, attention_params, count_params, expert_params, projection_params
 
 GiB = 1024**3
@@ -78,7 +81,8 @@ def estimate_memory(config: Config, world_size: int, image_share: float) -> Memo
     weights = shard(dense, experts, strategy == "optim_grads_params") * param_bytes
     grads_sharded = strategy in ("optim_grads", "optim_grads_params")
     gradients = trainable * (shard_fraction if grads_sharded else 1.0) * grad_bytes
-    optimizer = trainable * (shard_fraction if strategy != "no_shard" else 1.0) * (12 if m.bf16 else 8)
+    state_bytes = (4 + 2 * 4 if m.bf16 else 2 * 4) if ddp.preserve_fp32_weights else 2 * param_bytes
+    optimizer = trainable * (shard_fraction if strategy != "no_shard" else 1.0) * state_bytes
 
     fsdp_buffers = 0.0
     if strategy == "optim_grads_params":
@@ -124,5 +128,5 @@ def activation_bytes(config: Config, image_share: float) -> float:
     patches = tokens * image_share * v.spatial_merge_size**2
     vision = patches * v.depth * 2 * (7 * v.hidden_size + 3 * v.intermediate_size)
     deepstack = patches / v.spatial_merge_size**2 * m.hidden_size * 2 * len(v.deepstack_visual_indexes)
-    logits = tokens * m.vocab_size * (2 + 4)
-    return tokens * decoder + vision + deepstack + logits
+    loss = min(tokens, chunk_rows(m.vocab_size)) * m.vocab_size * (2 + 4 + 2) + m.vocab_size * m.hidden_size * 4
+    return tokens * decoder + vision + deepstack + loss

@@ -7,7 +7,7 @@ from typing import Any
 
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.config.validate import layout_problems, problems
-from vlm_fsdp.plan.flops import attention_flops, text_token_flops, vision_forward_flops
+from vlm_fsdp.plan.flops import attention_flops, output_token_flops, text_token_flops, vision_forward_flops
 from vlm_fsdp.plan.memory import GiB, MemoryEstimate, estimate_memory
 from vlm_fsdp.plan.params import count_params
 
@@ -49,6 +49,7 @@ def make_plan(config: Config, *, gpus: int, gpu_memory_gib: float, image_share: 
         },
         "flops": {
             "training_per_text_token": 3 * token_flops,
+            "training_per_labelled_token": 3 * output_token_flops(m),
             "training_per_vision_patch": 3 * patch_flops,
             "seq_length": m.seq_length,
             "reference_image_patches": REFERENCE_IMAGE_PATCHES,
@@ -164,6 +165,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         "Training FLOPs (forward + backward)",
         f"  per text token       {f['training_per_text_token'] / 1e9:10.2f} GFLOP  (attention at seq_length "
         f"{f['seq_length']})",
+        f"  per labelled token   {f['training_per_labelled_token'] / 1e9:10.2f} GFLOP  more (the output layer)",
         f"  per vision patch     {f['training_per_vision_patch'] / 1e9:10.2f} GFLOP  (images of "
         f"{f['reference_image_patches']} patches)",
         "",

@@ -164,7 +164,10 @@ def train_step(
     counts = [
         sum(b.num_loss_tokens for b in batches),
         sum(b.num_tokens for b in batches),
-        sum(training_flops(config.model, b.doc_lengths, b.image_patches) for b in batches),
+        sum(
+            training_flops(config.model, b.doc_lengths, b.image_patches, labelled_tokens=b.num_loss_tokens)
+            for b in batches
+        ),
     ]
     stopping = float(stop is not None and stop.received is not None)
     # one all-reduce per step, after the backward pass, which the update waits for anyway

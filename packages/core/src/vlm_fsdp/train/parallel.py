@@ -156,6 +156,7 @@ def ddp_config(config: Config) -> DistributedDataParallelConfig:
         overlap_grad_reduce=bool(d.overlap_grad_reduce),
         overlap_param_gather=bool(d.overlap_param_gather),
         grad_reduce_in_fp32=d.grad_reduce_in_fp32,
+        preserve_fp32_weights=d.preserve_fp32_weights,
         fsdp_double_buffer=d.fsdp_double_buffer,
         nccl_ub=d.nccl_ub,
         check_for_nan_in_grad=True,
