@@ -73,17 +73,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_selected = torch.empty_like(selected)
         # a frozen output layer (model.freeze_language_model) needs no weight gradient; over several chunks it is
         # accumulated in fp32, from one chunk it is a single product, rounded once as any linear layer's
+        wants_weight, single = ctx.needs_input_grad[1], len(starts) == 1
         grad_weight = None
-        if ctx.needs_input_grad[1] and len(starts) != 1:
+        if wants_weight and not single:
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in starts:
             end = start + chunk
             h = selected[start:end]
             grad, losses[start:end] = gradient(h @ weight.t(), labels[start:end])
             grad_selected[start:end] = grad @ weight
-            if ctx.needs_input_grad[1] and len(starts) == 1:
+            if wants_weight and single:
                 grad_weight = grad.t() @ h
-            elif grad_weight is not None:
+            elif wants_weight:
                 _add_product(grad_weight, grad.t(), h)
         ctx.save_for_backward(grad_selected, grad_weight, rows)
         ctx.weight_dtype, ctx.tokens = weight.dtype, hidden.shape[0]

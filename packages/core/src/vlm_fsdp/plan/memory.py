@@ -81,8 +81,9 @@ def estimate_memory(config: Config, world_size: int, image_share: float) -> Memo
     weights = shard(dense, experts, strategy == "optim_grads_params") * param_bytes
     grads_sharded = strategy in ("optim_grads", "optim_grads_params")
     gradients = trainable * (shard_fraction if grads_sharded else 1.0) * grad_bytes
-    state_bytes = (4 + 2 * 4 if m.bf16 else 2 * 4) if ddp.preserve_fp32_weights else 2 * param_bytes
-    optimizer = trainable * (shard_fraction if strategy != "no_shard" else 1.0) * state_bytes
+    main_weights = 4 if m.bf16 and ddp.preserve_fp32_weights else 0
+    moments = 2 * (4 if ddp.preserve_fp32_weights else param_bytes)
+    optimizer = trainable * (shard_fraction if strategy != "no_shard" else 1.0) * (main_weights + moments)
 
     fsdp_buffers = 0.0
     if strategy == "optim_grads_params":
