@@ -1,5 +1,6 @@
 """`LocalTokenDispatcher` puts the routed tokens in Megatron-Core's order and adds the expert outputs back as
-Megatron-Core's permute/unpermute do, with their gradients, and the model uses it when it holds every expert."""
+Megatron-Core's permute/unpermute do, with their gradients, and the model uses it when it holds every expert; the
+experts then gather their input again in the backward pass instead of keeping it, with the same gradients."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, permute, unpermute
 from vlm_fsdp.model.dispatch import LocalTokenDispatcher
+from vlm_fsdp.model.experts import GroupedExperts
 from vlm_fsdp.model.qwen3_vl import Qwen3VLMoe
 from vlm_fsdp.model.transformer_config import transformer_config
 from vlm_fsdp.train.parallel import init_distributed, shutdown
@@ -89,3 +91,53 @@ def test_model_dispatches_locally_without_expert_parallelism(tc):
     model = Qwen3VLMoe(tc, config.model, torch.device("cpu"), vision_without_images=False)
     dispatchers = [layer.mlp.token_dispatcher for layer in model.language_model.decoder.layers]
     assert dispatchers and all(isinstance(d, LocalTokenDispatcher) for d in dispatchers)
+
+
+def _through_experts(tc, experts, *, regather: bool, seed: int = 2):
+    """(output, gradients of the states, the routing weights and both expert weights, whether the routed tokens
+    were kept for the backward pass) of 29 bf16 tokens through dispatch, `experts` and combine."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens, hidden, topk = 29, tc.hidden_size, tc.moe_router_topk
+    logits = torch.randn(tokens, tc.num_moe_experts, generator=generator)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(topk, dim=1).indices, True)
+    states = torch.randn(tokens, 1, hidden, generator=generator).bfloat16().requires_grad_()
+    scores = torch.softmax(logits, dim=-1).requires_grad_()
+    upstream = torch.randn(tokens, 1, hidden, generator=generator)
+
+    dispatcher = LocalTokenDispatcher(tc, pg_collection=get_default_pg_collection())
+    saved = []
+    keep = lambda t: saved.append(t.untyped_storage().data_ptr()) or t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        routed, probs = dispatcher.dispatch_preprocess(states, routing_map, scores * routing_map)
+        source, index = dispatcher.gathered_from if regather else (None, None)
+        out, _ = experts(routed, dispatcher.tokens_per_expert, probs, source, index)
+        combined = dispatcher.combine_postprocess(out)
+    (combined.float() * upstream).sum().backward()
+    grads = [states.grad, scores.grad] + [p.grad.clone() for p in (experts.gate_up_proj, experts.down_proj)]
+    experts.zero_grad()
+    return combined, grads, routed.untyped_storage().data_ptr() in saved
+
+
+def test_the_experts_gather_their_input_again_with_the_same_gradients(tc):
+    """Through `LocalTokenDispatcher` the experts keep the layer's input and the gather index for the backward pass
+    instead of the top-k routed copies, and gather again there: outputs and gradients are bitwise the same."""
+    experts = GroupedExperts(tc.num_moe_experts, tc).bfloat16()
+    kept_out, kept_grads, kept = _through_experts(tc, experts, regather=False)
+    out, grads, routed_kept = _through_experts(tc, experts, regather=True)
+    assert kept and not routed_kept
+    assert torch.equal(out, kept_out)
+    for got, expected in zip(grads, kept_grads, strict=True):
+        assert torch.equal(got, expected) and expected.abs().max() > 0
+
+
+def test_compiled_experts_gather_again_as_eager_ones_do(tc, monkeypatch):
+    """Dynamo and AOTAutograd trace the gather-again backward pass (as under `train.compile`, on the CPU backend
+    that keeps the traced operations)."""
+    experts = GroupedExperts(tc.num_moe_experts, tc).bfloat16()
+    out, grads, _ = _through_experts(tc, experts, regather=True, seed=3)
+    monkeypatch.setattr(experts, "forward", torch.compile(experts.forward, dynamic=True, backend="aot_eager"))
+    torch._dynamo.reset()
+    compiled_out, compiled_grads, _ = _through_experts(tc, experts, regather=True, seed=3)
+    torch.testing.assert_close(compiled_out, out, rtol=0, atol=0)
+    for got, expected in zip(compiled_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

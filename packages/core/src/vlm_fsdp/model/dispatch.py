@@ -60,6 +60,7 @@ class LocalTokenDispatcher(MoETokenDispatcher):
             0, self.by_token, torch.arange(self.by_token.numel(), device=pairs.device)
         )
         self.tokens_per_expert = routing_map.sum(dim=0)
+        self.gathered_from = (tokens, token_index)
         routed = _gather_rows(tokens, token_index, self.by_token)
         return routed, probs.T.reshape(-1).index_select(0, pairs)
 
@@ -83,7 +84,8 @@ class LocalTokenDispatcher(MoETokenDispatcher):
 
 class MoE(MoELayer):
     """Megatron-Core's MoE layer, dispatching through `LocalTokenDispatcher` when it holds every expert and
-    drops no tokens (otherwise through the dispatcher `moe_token_dispatcher_type` names)."""
+    drops no tokens (otherwise through the dispatcher `moe_token_dispatcher_type` names); then the experts gather
+    their input again in the backward pass instead of keeping it (`GroupedExperts.forward`)."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None) -> None:
         pg_collection = pg_collection or get_default_pg_collection()
@@ -92,3 +94,11 @@ class MoE(MoELayer):
         dropless = config.moe_expert_capacity_factor is None and not config.moe_router_padding_for_quantization
         if dispatcher.ep_size == 1 and dispatcher.tp_size == 1 and dropless:
             self.token_dispatcher = LocalTokenDispatcher(config, pg_collection=pg_collection)
+
+    def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        dispatcher = self.token_dispatcher
+        if not isinstance(dispatcher, LocalTokenDispatcher):
+            return super().routed_experts_compute(hidden_states, probs)
+        (source, index), dispatcher.gathered_from = dispatcher.gathered_from, None
+        output, mlp_bias = self.experts(hidden_states, dispatcher.tokens_per_expert, probs, source, index)
+        return output, mlp_bias

@@ -23,16 +23,6 @@ from vlm_fsdp.data.batch import IGNORE_INDEX
 from vlm_fsdp.model.loss_chunks import chunk_rows
 
 
-def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total (fp32) += a @ b, accumulated in fp32 without a bf16 copy of the product where the GPU allows it."""
-    if a.dtype == total.dtype:
-        total.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
-    else:
-        total.add_(a @ b)
-
-
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     """fp32 log-softmax of one chunk's logits (in place where they are fp32 already)."""
     logits = logits.float()
@@ -71,23 +61,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         selected = hidden.index_select(0, rows)
         losses = torch.empty(len(rows), dtype=torch.float32, device=hidden.device)
         grad_selected = torch.empty_like(selected)
-        # a frozen output layer (model.freeze_language_model) needs no weight gradient; over several chunks it is
-        # accumulated in fp32, from one chunk it is a single product, rounded once as any linear layer's
-        wants_weight, single = ctx.needs_input_grad[1], len(starts) == 1
-        grad_weight = None
-        if wants_weight and not single:
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # a frozen output layer (model.freeze_language_model) needs no weight gradient; otherwise it is added up
+        # chunk by chunk in the weight's dtype, each product accumulated in fp32 and rounded once, as gradients are
+        # added up over the microbatches of a step
+        wants_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros_like(weight) if wants_weight and not starts else None
         for start in starts:
             end = start + chunk
             h = selected[start:end]
             grad, losses[start:end] = gradient(h @ weight.t(), labels[start:end])
             grad_selected[start:end] = grad @ weight
-            if wants_weight and single:
-                grad_weight = grad.t() @ h
-            elif wants_weight:
-                _add_product(grad_weight, grad.t(), h)
+            if wants_weight:
+                grad_weight = grad.t() @ h if grad_weight is None else grad_weight.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_selected, grad_weight, rows)
-        ctx.weight_dtype, ctx.tokens = weight.dtype, hidden.shape[0]
+        ctx.tokens = hidden.shape[0]
         return losses
 
     @staticmethod
@@ -100,7 +87,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # scaled in place: the weight's gradient is as large as the weight, and the backward pass runs once
         grad_hidden = grad_selected.new_zeros(ctx.tokens, grad_selected.shape[1])
         grad_hidden.index_copy_(0, rows, grad_selected.mul_(scale))
-        grad_weight = None if grad_weight is None else grad_weight.mul_(scale).to(ctx.weight_dtype)
+        if grad_weight is not None:
+            grad_weight.mul_(scale)
         return grad_hidden, grad_weight, None, None, None
 
 

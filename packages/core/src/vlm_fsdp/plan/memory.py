@@ -105,7 +105,10 @@ def decoder_layer_activation_bytes(config: Config) -> float:
     m = config.model
     h, q, kv = m.hidden_size, m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
     attention = 2 * (2 * h + 2 * q + 2 * kv)
-    moe = 2 * (3 * h + m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size)) + 8 * m.num_moe_experts
+    # the experts' input, top-k copies of each token, unless they gather it again in the backward pass (bf16
+    # without expert parallelism: `vlm_fsdp.model.experts`)
+    routed = 0 if m.bf16 and m.expert_model_parallel_size == 1 else h
+    moe = 2 * (3 * h + m.moe_router_topk * (routed + 3 * m.moe_ffn_hidden_size)) + 8 * m.num_moe_experts
     return attention + moe
 
 
@@ -129,5 +132,7 @@ def activation_bytes(config: Config, image_share: float) -> float:
     patches = tokens * image_share * v.spatial_merge_size**2
     vision = patches * v.depth * 2 * (7 * v.hidden_size + 3 * v.intermediate_size)
     deepstack = patches / v.spatial_merge_size**2 * m.hidden_size * 2 * len(v.deepstack_visual_indexes)
-    loss = min(tokens, chunk_rows(m.vocab_size)) * m.vocab_size * (2 + 4 + 2) + m.vocab_size * m.hidden_size * 4
+    # a chunk's logits (bf16 and fp32) and their gradient; the output weight's gradient in its dtype
+    logits = min(tokens, chunk_rows(m.vocab_size)) * m.vocab_size * (2 + 4 + 2)
+    loss = logits + m.vocab_size * m.hidden_size * (2 if m.bf16 else 4)
     return tokens * decoder + vision + deepstack + loss
