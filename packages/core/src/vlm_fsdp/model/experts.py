@@ -47,6 +47,7 @@ class _RegatheredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, offsets, source, index = ctx.saved_tensors
+        grad = grad.contiguous()  # `torch._grouped_mm` takes no broadcast (zero-stride) operand
         # the products autograd takes through `grouped_linear`, with `routed` gathered again
         grad_routed = torch._grouped_mm(grad, weight, offs=offsets) if ctx.needs_input_grad[0] else None
         grad_weight = None
