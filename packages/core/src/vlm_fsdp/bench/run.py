@@ -27,7 +27,6 @@ from vlm_fsdp.bench.timing import VisionTimer
 from vlm_fsdp.config.run import Config
 from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.known_warnings import silence
-from vlm_fsdp.plan.flops import training_flops
 from vlm_fsdp.train.build import build
 from vlm_fsdp.train.loop import Fetch, train_step
 from vlm_fsdp.train.metrics import peak_tflops
@@ -165,10 +164,7 @@ def bench_transformers(
         elapsed = time.perf_counter() - start
         vision = timer.read()
         tokens = sum(b.num_tokens for b in batches)
-        flops = sum(
-            training_flops(config.model, b.doc_lengths, b.image_patches, labelled_tokens=b.num_loss_tokens)
-            for b in batches
-        )
+        flops = sum(b.training_flops(config.model) for b in batches)
         tflops = flops / elapsed / 1e12
         return {
             "tokens_per_s": tokens / elapsed,

@@ -6,8 +6,10 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
+from vlm_fsdp.config.model import ModelConfig
 from vlm_fsdp.data.images import ImageSettings
 from vlm_fsdp.data.vision_inputs import map_tensors, vision_inputs
+from vlm_fsdp.plan.flops import training_flops
 
 IGNORE_INDEX = -100
 
@@ -62,6 +64,10 @@ class Batch:
     """Lengths of the packed samples (for the FLOP formula)."""
     image_patches: list[int]
     """t*h*w of each image (for the FLOP formula)."""
+
+    def training_flops(self, model: ModelConfig) -> int:
+        """FLOPs of one forward and backward pass of `model` over this microbatch (`vlm_fsdp.plan.flops`)."""
+        return training_flops(model, self.doc_lengths, self.image_patches, labelled_tokens=self.num_loss_tokens)
 
     def to(self, device) -> Batch:
         """This batch with every tensor on `device` (copied asynchronously from pinned memory)."""

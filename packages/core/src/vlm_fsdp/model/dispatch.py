@@ -100,5 +100,4 @@ class MoE(MoELayer):
         if not isinstance(dispatcher, LocalTokenDispatcher):
             return super().routed_experts_compute(hidden_states, probs)
         (source, index), dispatcher.gathered_from = dispatcher.gathered_from, None
-        output, mlp_bias = self.experts(hidden_states, dispatcher.tokens_per_expert, probs, source, index)
-        return output, mlp_bias
+        return self.experts(hidden_states, dispatcher.tokens_per_expert, probs, source, index)

@@ -11,10 +11,10 @@ buffers for the FSDP unit being computed and the one prefetched (the largest uni
 or the whole vision tower).
 
 Activations (an estimate, bf16): per decoder layer and token the tensors kept for the backward pass
-(norm inputs/outputs, Q/K/V and attention output, router scores, each routed copy's expert input and SwiGLU
-intermediates), reduced by recompute; per vision patch and block the same for the ViT; and the loss's largest
-chunk of logits (bf16, their fp32 copy and their bf16 gradient, as if every token had a label) with the output
-weight's fp32 gradient (`vlm_fsdp.model.linear_loss`).
+(norm inputs/outputs, Q/K/V and attention output, router scores, each routed copy's expert input (unless the
+experts gather it again) and SwiGLU intermediates), reduced by recompute; per vision patch and block the same for
+the ViT; and the loss's largest chunk of logits (bf16, their fp32 copy and their bf16 gradient, as if every token
+had a label) with the output weight's gradient in its dtype (`vlm_fsdp.model.linear_loss`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from vlm_fsdp.data.loader import build_loader
 from vlm_fsdp.errors import UserError
 from vlm_fsdp.known_warnings import NOTICE
 from vlm_fsdp.model.compat import HAVE_TE
-from vlm_fsdp.plan.flops import training_flops
 from vlm_fsdp.provenance import provenance, write_run_record
 from vlm_fsdp.train.build import Trainable, build
 from vlm_fsdp.train.metrics import StepLogger, StepStats, peak_tflops
@@ -164,10 +163,7 @@ def train_step(
     counts = [
         sum(b.num_loss_tokens for b in batches),
         sum(b.num_tokens for b in batches),
-        sum(
-            training_flops(config.model, b.doc_lengths, b.image_patches, labelled_tokens=b.num_loss_tokens)
-            for b in batches
-        ),
+        sum(b.training_flops(config.model) for b in batches),
     ]
     stopping = float(stop is not None and stop.received is not None)
     # one all-reduce per step, after the backward pass, which the update waits for anyway
